@@ -1,0 +1,444 @@
+"""
+Where tokens come from.
+
+Three sources, one on-disk format:
+
+1. A synthetic language whose exact probability is known (see shared/reference/benchmark.md): a mixture of K
+   sparse Markov chains. Because log p(x) is exact, every generated sample can be scored against the truth
+   ("true GenPPL"); the language's own samples score exp(H), H its entropy rate (a sampler that scores lower
+   has lost entropy: compare both numbers). The exact posterior marginals
+   p(x_i | z) of a corrupted sequence z are also computable (forward-backward): the output of a perfectly
+   trained x0-predictor (the MDLM loss, IDLM eq. 4, is minimised by x0_hat = p(x0 | x_t), position by position).
+2. Real text that needs no download: the documentation bundled with Python (pydoc_data), byte-level tokens.
+3. Your own text files, tokenised with tiktoken's GPT-2 encoding.
+
+The format (nanoGPT style): <dir>/train.bin and <dir>/val.bin hold np.uint16 token ids, each block of seq_len
+tokens is one training sequence; <dir>/meta.json says how to read them. vocab_size counts the REAL tokens only;
+an absorbing model adds its mask token (id vocab_size) itself. meta.json is written last, so a directory with a
+meta.json is complete; every file is written to a temporary name first and moved into place (os.replace).
+
+    python data.py --dataset synthetic            # -> data/synthetic (the benchmark language)
+    python data.py --dataset pydoc --seq_len 256  # -> data/pydoc
+    python data.py --dataset text --files a.txt,b.txt --out data/mytext
+"""
+
+import functools
+import itertools
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+GPT2_EOS = 50256
+
+
+class DataError(Exception):
+    """A problem with the data that the user can fix; its message is one sentence, printed without traceback."""
+
+
+# -----------------------------------------------------------------------------
+# The synthetic language: a mixture of sparse Markov chains with exact likelihood
+
+class SyntheticLanguage:
+    """
+    p(x) = sum_k pi_k p_k(x),   p_k(x) = start_k(x_1) prod_{i>1} T_k(x_i | x_{i-1}).
+
+    Each component's transition matrix gives every token `successors` allowed successors with Dirichlet
+    probabilities, mixed with a uniform floor, T = (1 - floor) sparse + floor / N, so every sequence has finite
+    probability. start_k is the stationary distribution of T_k, so every position has the same marginal. The
+    mixture weights are uniform, pi_k = 1/K: then H(K) = log K exactly, and no component is rare by chance.
+    The tables are built in float64 with numpy's legacy RandomState(seed), whose stream numpy keeps frozen
+    across versions, so the language is the same on every machine.
+    """
+
+    def __init__(self, N=64, L=64, K=4, successors=4, floor=0.01, concentration=1.0, seed=0):
+        if not 0 < floor <= 1:
+            raise DataError(f"floor must be in (0, 1] so that every sequence has finite probability, got {floor}")
+        if not 1 <= successors <= N:
+            raise DataError(f"successors must be between 1 and N={N}, got {successors}")
+        self.N, self.L, self.K = N, L, K
+        self.successors, self.floor, self.concentration, self.seed = successors, floor, concentration, seed
+        rng = np.random.RandomState(seed)
+        trans = np.zeros((K, N, N))
+        for k in range(K):
+            for a in range(N):
+                allowed = rng.choice(N, size=successors, replace=False)
+                trans[k, a, allowed] = rng.dirichlet(np.full(successors, float(concentration)))
+        trans = (1 - floor) * trans + floor / N  # rows still sum to one
+        start = np.stack([stationary_distribution(trans[k]) for k in range(K)])
+        self.log_weights = torch.full((K,), -np.log(K), dtype=torch.float64)  # (K,)
+        self.log_start = torch.from_numpy(np.log(start))                      # (K, N)
+        self.log_trans = torch.from_numpy(np.log(trans))                      # (K, N, N): [k, a, b] = log p(b | a)
+        self._entropy_cache = {}
+
+    def meta(self):
+        return dict(N=self.N, L=self.L, K=self.K, successors=self.successors, floor=self.floor,
+                    concentration=self.concentration, seed=self.seed)
+
+    @classmethod
+    def from_meta(cls, meta):
+        return cls(**meta)
+
+    def sample(self, n, generator=None):
+        """n exact samples (n, L): a component per sequence, then ancestral sampling along its chain."""
+        comp = categorical(self.log_weights.exp().expand(n, self.K), generator)         # (n,)
+        x = torch.empty(n, self.L, dtype=torch.long)
+        x[:, 0] = categorical(self.log_start.exp()[comp], generator)
+        trans = self.log_trans.exp()
+        for i in range(1, self.L):
+            x[:, i] = categorical(trans[comp, x[:, i - 1]], generator)
+        return x
+
+    def log_prob(self, x):
+        """Exact log p(x) for ids (n, L) -> float64 (n,), log-sum-exp over the K components."""
+        x = torch.as_tensor(x, dtype=torch.long).cpu()
+        per_comp = self.log_start[:, x[:, 0]]                                          # (K, n)
+        per_comp = per_comp + self.log_trans[:, x[:, :-1], x[:, 1:]].sum(-1)           # (K, n, L-1) -> (K, n)
+        return torch.logsumexp(per_comp + self.log_weights[:, None], dim=0)
+
+    def entropy_rate(self, num_samples=20000, seed=1234):
+        """
+        H in nats per token, by Monte Carlo with exact likelihoods: H = E[-log p(x)] / L, x ~ p.
+        Returns (H, stderr). (Its exact value lies between H(X|K)/L and (H(X|K) + log K)/L; the mixture's
+        entropy itself has no closed form.) Cached per (num_samples, seed).
+        """
+        key = (num_samples, seed)
+        if key not in self._entropy_cache:
+            x = self.sample(num_samples, generator=torch.Generator().manual_seed(seed))
+            nll = -self.log_prob(x) / self.L                                           # (num_samples,)
+            self._entropy_cache[key] = (nll.mean().item(), (nll.std() / num_samples ** 0.5).item())
+        return self._entropy_cache[key]
+
+    def denoise(self, z, kind, alpha):
+        """
+        Exact posterior marginals p(x_i | z) -> float64 (B, L, N), for z (B, L) whose positions were corrupted
+        independently from a clean x ~ p by the emission e(z_i | x_i) with keep probability alpha:
+            absorbing: e(z | x) = alpha [z == x] + (1 - alpha) [z == N]   (N is the mask id)
+            uniform:   e(z | x) = alpha [z == x] + (1 - alpha) / N
+        These are the absorbing process's marginals at alpha_t (IDLM eq. 16) and the uniform process's (IDLM
+        eq. 17, scaled as in processes.py), so the result is the optimal x0-predictor of MDLM (IDLM eq. 4) and of
+        a uniform-state model that sees the discrete x_t (UDLM; Duo's argmax(w_t) follows that process).
+        Per component: one forward and one backward pass, each step normalised to avoid underflow; the running
+        log of the normalisers is log p_k(z). Components are then weighted by pi_k p_k(z) / p(z).
+        alpha: float, or a tensor of shape (B,) or (B, 1).
+        """
+        z = torch.as_tensor(z, dtype=torch.long)
+        B, L = z.shape
+        N = self.N
+        if z.min() < 0 or z.max() > N or (kind == 'uniform' and z.max() == N):
+            raise ValueError(f"z holds ids outside the {kind} process's vocabulary")
+        alpha = torch.as_tensor(alpha, dtype=torch.float64, device=z.device)
+        alpha = alpha.reshape(-1, 1, 1) if alpha.dim() > 0 else alpha                 # (B, 1, 1) or scalar
+        hit = (z[..., None] == torch.arange(N, device=z.device)).double()              # (B, L, N)
+        if kind == 'absorbing':
+            emit = alpha * hit + (1 - alpha) * (z == N).double()[..., None]
+        elif kind == 'uniform':
+            emit = alpha * hit + (1 - alpha) / N
+        else:
+            raise ValueError(f"kind must be 'absorbing' or 'uniform', got {kind!r}")
+        emit = emit.expand(B, L, N)
+        trans = self.log_trans.exp().to(z.device)                                      # (K, N, N)
+        # forward: fwd[:, :, i] is proportional to p_k(x_i, z_1..z_i)
+        fwd = torch.empty(B, self.K, L, N, dtype=torch.float64, device=z.device)
+        log_evidence = torch.zeros(B, self.K, dtype=torch.float64, device=z.device)   # log p_k(z)
+        cur = self.log_start.exp().to(z.device)[None] * emit[:, None, 0]               # (B, K, N)
+        for i in range(L):
+            if i > 0:
+                cur = torch.einsum('nkx,kxy->nky', fwd[:, :, i - 1], trans) * emit[:, None, i]
+            norm = cur.sum(-1, keepdim=True)                                           # (B, K, 1)
+            log_evidence += norm[..., 0].log()
+            fwd[:, :, i] = cur / norm
+        # backward: bwd is proportional to p_k(z_{i+1}..z_L | x_i); only its shape over x_i matters
+        post = torch.empty_like(fwd)
+        bwd = torch.ones(B, self.K, N, dtype=torch.float64, device=z.device)
+        for i in range(L - 1, -1, -1):
+            if i < L - 1:
+                bwd = torch.einsum('kxy,nky->nkx', trans, emit[:, None, i + 1] * bwd)
+                bwd = bwd / bwd.sum(-1, keepdim=True)
+            post[:, :, i] = fwd[:, :, i] * bwd
+        post = post / post.sum(-1, keepdim=True)                                      # (B, K, L, N) = p_k(x_i | z)
+        weight = torch.softmax(self.log_weights.to(z.device) + log_evidence, dim=-1)  # (B, K) = p(k | z)
+        return torch.einsum('nk,nkiv->niv', weight, post)
+
+
+def categorical(probs, generator=None):
+    """One draw per row of probs (n, C) by inverting the CDF (much faster than torch.multinomial on CPU)."""
+    u = torch.rand(probs.shape[0], 1, dtype=probs.dtype, generator=generator)
+    return torch.searchsorted(probs.cumsum(-1), u, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
+
+
+def stationary_distribution(trans):
+    """pi with pi T = pi and sum(pi) = 1 for a row-stochastic (N, N) numpy matrix (unique: T > 0 everywhere)."""
+    N = trans.shape[0]
+    A = trans.T - np.eye(N)
+    A[-1] = 1.0  # replace one (redundant) balance equation by the normalisation
+    rhs = np.zeros(N)
+    rhs[-1] = 1.0
+    return np.linalg.solve(A, rhs)
+
+
+# -----------------------------------------------------------------------------
+# Writing the format: train.bin / val.bin (uint16 blocks of seq_len) and meta.json
+
+def check_vocab_fits(vocab_size):
+    if vocab_size > 65536:
+        raise DataError(f"uint16 .bin files hold ids below 65536, but the vocabulary has {vocab_size} tokens: "
+                        f"use a tokenizer with at most 65536 tokens")
+
+
+@contextmanager
+def atomic_open(path, mode='wb'):
+    """Write to a temporary file beside `path`, move it into place only if everything succeeded."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; data files are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def write_bin(path, chunks):
+    """Stream an iterable of integer arrays into one uint16 file (ids were checked to be below 65536)."""
+    with atomic_open(path) as f:
+        for chunk in chunks:
+            f.write(np.asarray(chunk).astype(np.uint16).tobytes())
+
+
+def start_dir(out_dir):
+    """Create out_dir, or mark an existing one incomplete (no meta.json) while its files are rewritten."""
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, 'meta.json')):
+        os.remove(os.path.join(out_dir, 'meta.json'))
+
+
+def write_meta(out_dir, meta):
+    """Written last: a directory with a meta.json is complete."""
+    with atomic_open(os.path.join(out_dir, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=2)
+
+
+def write_splits(out_dir, chunks, seq_len, val_fraction, chunk_blocks=4096):
+    """
+    Stream token chunks into a temporary flat file, then cut it into blocks of seq_len: the last val_fraction
+    of the blocks become val.bin, the rest train.bin (a ragged tail is dropped). Returns (n_train, n_val).
+    """
+    fd, stream = tempfile.mkstemp(dir=out_dir, prefix='.tmp-stream-')
+    os.close(fd)
+    try:
+        write_bin(stream, chunks)
+        tokens = np.memmap(stream, dtype=np.uint16, mode='r') if os.path.getsize(stream) else np.zeros(0)
+        n_blocks = len(tokens) // seq_len
+        n_val = max(1, round(n_blocks * val_fraction))
+        if n_blocks - n_val < 1:
+            raise DataError(f"the text has only {len(tokens)} tokens, too few for a train and a val block of "
+                            f"seq_len={seq_len}: use more text or a smaller --seq_len")
+        for split, lo, hi in (('train', 0, n_blocks - n_val), ('val', n_blocks - n_val, n_blocks)):
+            parts = (tokens[b * seq_len:min(b + chunk_blocks, hi) * seq_len] for b in range(lo, hi, chunk_blocks))
+            write_bin(os.path.join(out_dir, f'{split}.bin'), parts)
+        return n_blocks - n_val, n_val
+    finally:
+        os.remove(stream)
+
+
+def prepare_synthetic(out_dir, num_train=200_000, num_val=2_000, seed=0, language_seed=0, **language_kwargs):
+    """Sample the benchmark language; seq_len is the language's L. `seed` seeds the samples, `language_seed`
+    the language's tables; the train and val generators are seeded separately (seed, seed + 1), so the val
+    set does not change with num_train."""
+    check_vocab_fits(language_kwargs.get('N', 0))
+    language = SyntheticLanguage(seed=language_seed, **language_kwargs)
+    start_dir(out_dir)
+    for split, count, split_seed in (('train', num_train, seed), ('val', num_val, seed + 1)):
+        gen = torch.Generator().manual_seed(split_seed)
+        chunks = (language.sample(min(10_000, count - s), generator=gen).numpy() for s in range(0, count, 10_000))
+        write_bin(os.path.join(out_dir, f'{split}.bin'), chunks)
+    write_meta(out_dir, dict(vocab_size=language.N, seq_len=language.L, tokenizer='synthetic', dataset='synthetic',
+                             language=language.meta(), seed=seed, n_train=num_train, n_val=num_val))
+    return out_dir
+
+
+def pydoc_text():
+    """Python's bundled documentation (the text behind help('topics')), in sorted-topic order."""
+    from pydoc_data.topics import topics
+    return ''.join(topics[key] for key in sorted(topics))
+
+
+def prepare_pydoc(out_dir, seq_len=128, val_fraction=0.05):
+    """Byte-level tokens (vocab 256) of the pydoc text; the last val_fraction of the stream is validation."""
+    start_dir(out_dir)
+    tokens = np.frombuffer(pydoc_text().encode('utf-8'), dtype=np.uint8)
+    n_train, n_val = write_splits(out_dir, [tokens], seq_len, val_fraction)
+    write_meta(out_dir, dict(vocab_size=256, seq_len=seq_len, tokenizer='bytes', dataset='pydoc', eos_id=None,
+                             n_train=n_train, n_val=n_val))
+    return out_dir
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding():
+    try:
+        import tiktoken
+    except ImportError:
+        raise DataError("tiktoken is not installed: pip install tiktoken, or use --dataset pydoc") from None
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:  # no network: requests' ConnectionError, or a broken cache
+        raise DataError(f"could not load tiktoken's GPT-2 BPE files (no network? {type(e).__name__}): put them "
+                        f"in a folder and set TIKTOKEN_CACHE_DIR, or use --dataset pydoc") from e
+
+
+def prepare_text(out_dir, files, seq_len=1024, val_fraction=0.05):
+    """GPT-2 tokens of your text files, EOS after each file, streamed file by file; files: list or 'a,b'."""
+    if isinstance(files, str):
+        files = [name for name in files.split(',') if name]
+    if not files:
+        raise DataError("no text files given: pass them with --files a.txt,b.txt")
+    for name in files:
+        if not os.path.isfile(name):
+            raise DataError(f"text file '{name}' does not exist: check the paths given to --files")
+    enc = gpt2_encoding()
+    check_vocab_fits(enc.n_vocab)
+    start_dir(out_dir)
+
+    def file_tokens(name):  # one file in memory at a time
+        with open(name, encoding='utf-8', errors='replace') as f:
+            return np.array(enc.encode_ordinary(f.read()) + [GPT2_EOS])
+
+    n_train, n_val = write_splits(out_dir, (file_tokens(name) for name in files), seq_len, val_fraction)
+    write_meta(out_dir, dict(vocab_size=enc.n_vocab, seq_len=seq_len, tokenizer='gpt2', dataset='text',
+                             eos_id=GPT2_EOS, files=[os.path.abspath(n) for n in files],
+                             n_train=n_train, n_val=n_val))
+    return out_dir
+
+
+def prepare(dataset, out_dir=None, **kw):
+    """Dispatch used by scripts: dataset in {'synthetic', 'pydoc', 'text'}; out_dir defaults to data/<dataset>."""
+    makers = dict(synthetic=prepare_synthetic, pydoc=prepare_pydoc, text=prepare_text)
+    if dataset not in makers:
+        raise DataError(f"unknown dataset '{dataset}': choose one of {', '.join(makers)}")
+    return makers[dataset](out_dir or os.path.join(DATA_ROOT, dataset), **kw)
+
+
+def ensure_data(path_or_name):
+    """A data directory's path; 'synthetic' or 'pydoc' mean data/<name>, prepared with defaults if missing."""
+    if os.path.isdir(path_or_name):
+        return path_or_name
+    if path_or_name in ('synthetic', 'pydoc'):
+        path = os.path.join(DATA_ROOT, path_or_name)
+        if not os.path.isfile(os.path.join(path, 'meta.json')):
+            print(f"preparing the {path_or_name} dataset in {path} (first use)")
+            prepare(path_or_name, path)
+        return path
+    raise DataError(f"data directory '{path_or_name}' does not exist: create it with "
+                    f"`python data.py --dataset synthetic --out {path_or_name}` (or pass 'synthetic' or 'pydoc')")
+
+
+# -----------------------------------------------------------------------------
+# Reading the format
+
+class TokenData:
+    """A prepared directory: train / val are read-only memmaps of shape (n, seq_len), uint16."""
+
+    def __init__(self, path, meta, train, val):
+        self.path, self.meta, self.train, self.val = path, meta, train, val
+        self.vocab_size, self.seq_len = meta['vocab_size'], meta['seq_len']
+
+    def batch(self, split, index):
+        """Sequences number `index` (torch or numpy ints) of 'train' or 'val' -> LongTensor (len(index), seq_len)."""
+        if torch.is_tensor(index):
+            index = index.cpu().numpy()
+        rows = getattr(self, split)[np.asarray(index)]
+        return torch.from_numpy(rows.astype(np.int64))
+
+    def language(self):
+        """The SyntheticLanguage that generated this data, or None for text."""
+        if self.meta['tokenizer'] != 'synthetic':
+            return None
+        return SyntheticLanguage.from_meta(self.meta['language'])
+
+    def decode(self, ids):
+        """(B, L) or (L,) ids -> list of strings. Synthetic tokens are written as space-separated ids; ids
+        outside the vocabulary (a leftover mask) appear as '□'."""
+        ids = np.atleast_2d(torch.as_tensor(ids).cpu().numpy())
+        kind = self.meta['tokenizer']
+        if kind == 'synthetic':
+            return [' '.join(str(t) if t < self.vocab_size else '□' for t in row) for row in ids]
+        to_text = ((lambda run: bytes(run).decode('utf-8', errors='replace')) if kind == 'bytes'
+                   else (lambda run: gpt2_encoding().decode(run)))
+        in_vocab = lambda t: 0 <= t < self.vocab_size
+        return [''.join(to_text(list(run)) if ok else '□' * len(list(run))
+                        for ok, run in itertools.groupby(row, in_vocab)) for row in ids.tolist()]
+
+
+def read_split(path, split, seq_len):
+    name = os.path.join(path, f'{split}.bin')
+    if not os.path.isfile(name):
+        raise DataError(f"{name} is missing: prepare the directory again with `python data.py`")
+    size = os.path.getsize(name)
+    if size == 0 or size % (2 * seq_len):
+        raise DataError(f"{name} has {size} bytes, not a positive multiple of seq_len={seq_len} uint16 tokens: "
+                        f"prepare the directory again with `python data.py`")
+    return np.memmap(name, dtype=np.uint16, mode='r').reshape(-1, seq_len)
+
+
+def load_data(path):
+    """Open a prepared directory (checks cheaply that it is what meta.json says)."""
+    if not os.path.isdir(path):
+        raise DataError(f"data directory '{path}' does not exist: create it with "
+                        f"`python data.py --dataset synthetic --out {path}`")
+    meta_path = os.path.join(path, 'meta.json')
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        vocab_size, seq_len = int(meta['vocab_size']), int(meta['seq_len'])
+        if meta['tokenizer'] not in ('synthetic', 'bytes', 'gpt2') or seq_len <= 0:
+            raise ValueError(meta)
+    except FileNotFoundError:
+        raise DataError(f"{meta_path} is missing: prepare the directory with `python data.py`") from None
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{meta_path} is corrupt or incomplete: prepare the directory again with "
+                        f"`python data.py`") from None
+    check_vocab_fits(vocab_size)
+    train, val = read_split(path, 'train', seq_len), read_split(path, 'val', seq_len)
+    if int(train[0].max()) >= vocab_size:
+        raise DataError(f"{path}/train.bin holds token ids >= vocab_size={vocab_size}: the .bin files do not "
+                        f"match meta.json, prepare the directory again")
+    return TokenData(path, meta, train, val)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    from common import configure, UserError
+    defaults = dict(dataset='synthetic', out='', files='', seq_len=0, val_fraction=0.05,
+                    num_train=200_000, num_val=2_000, seed=0, language_seed=0,
+                    N=64, L=64, K=4, successors=4, floor=0.01, concentration=1.0)
+    try:
+        cfg = configure(defaults, argv)
+        if cfg['dataset'] == 'synthetic':
+            kw = {k: cfg[k] for k in ('num_train', 'num_val', 'seed', 'language_seed',
+                                      'N', 'L', 'K', 'successors', 'floor', 'concentration')}
+        else:
+            kw = dict(val_fraction=cfg['val_fraction'])
+            if cfg['seq_len']:
+                kw['seq_len'] = cfg['seq_len']
+            if cfg['dataset'] == 'text':
+                kw['files'] = cfg['files']
+        out = prepare(cfg['dataset'], cfg['out'] or None, **kw)
+        d = load_data(out)  # read back what was written: the same checks every script will make
+        print(f"wrote {out}: {len(d.train)} train and {len(d.val)} val sequences of {d.seq_len} tokens, "
+              f"vocab {d.vocab_size} ({d.meta['tokenizer']})")
+    except (DataError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()

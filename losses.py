@@ -175,6 +175,28 @@ class MDLMObjective(_AbsorbingObjective):
     head = 'subs'
     time_conditioning = False
 
+    def corrupt_by_count(self, x0, generator=None):
+        """A lower-variance corruption with the same expected loss, for training a model that ignores t.
+
+        With alpha_t = 1 - t the number of masked tokens k is Binomial(L, t), and
+            int_0^1 (1/t) C(L, k) t^k (1 - t)^(L - k) dt = 1/k,
+        so the NELBO (IDLM eq. 4) of a sequence is sum_k E[sum_{masked} CE | k masked] / k: per token, the
+        mean cross-entropy over k uniformly chosen masked positions, averaged over k ~ U{1..L}. Sampling k
+        (stratified over the batch) and masking exactly k positions estimates it without the 1/t weight that
+        explodes at small t. Returned as a Noisy with alpha = 1 - k/L and alpha' = -1, so mdlm_loss's weight
+        -alpha'/(1 - alpha) is L/k and the mean over tokens is the mean masked cross-entropy. (The eps of
+        the log-linear schedule is dropped: a 1e-3 relative change of the weight.)"""
+        x0 = x0 if not x0.is_floating_point() else self.process.sample(x0, 1.0, generator)  # ids (B, L)
+        B, L = x0.shape
+        u0 = torch.rand(1, generator=generator, device=x0.device)
+        k = 1 + ((torch.arange(B, device=x0.device) + u0) / B * L).floor().long().clamp(max=L - 1)  # (B,) in 1..L
+        scores = torch.rand(B, L, generator=generator, device=x0.device)
+        rank = scores.argsort(-1).argsort(-1)                    # a uniformly random ranking of the positions
+        x_t = torch.where(rank < k[:, None], torch.full_like(x0, self.mask_id), x0)
+        alpha = (1 - k.to(torch.float32) / L)[:, None]           # (B, 1)
+        return Noisy(input=x_t, sigma=-torch.log(alpha[:, 0].clamp_min(1e-6)), x_t=x_t, alpha=alpha,
+                     dalpha=-torch.ones_like(alpha))
+
     def loss(self, out, x0, noisy):
         return mdlm_loss(out, x0, noisy.x_t, noisy.alpha, noisy.dalpha, self.mask_id)
 

@@ -57,6 +57,8 @@ device = 'auto'
 resume = False
 duo_gamma_min = 0.0       # Duo's Gaussian schedule; 0.0 and 0.0 mean "choose for this vocabulary" (losses.py)
 duo_gamma_max = 0.0
+mask_count = True         # MDLM only: train with the mask-count estimator of the same NELBO (losses.py,
+                          # MDLMObjective.corrupt_by_count), far lower variance; validation always uses t ~ U
 log_every = 50
 # ----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -85,12 +87,14 @@ def teacher_model(cfg, N, seq_len, objective):
                        time_conditioning=timed, dropout=cfg['dropout'])
 
 
-def batch_loss(model, objective, x0, generator, N):
+def batch_loss(model, objective, x0, generator, N, by_count=False):
     """Mean per-token loss of one micro-batch x0 (B, L): the teacher's NELBO estimate, or the AR NLL."""
     if objective is None:
         return -ar_log_likelihood(model, x0, bos_id=N).mean()
-    t = sample_time(x0.shape[0], generator=generator, device=x0.device)
-    noisy = objective.corrupt(x0, t, generator=generator)
+    if by_count:
+        noisy = objective.corrupt_by_count(x0, generator=generator)
+    else:
+        noisy = objective.corrupt(x0, sample_time(x0.shape[0], generator=generator, device=x0.device), generator)
     out = model(noisy.input, noisy.sigma)
     return objective.loss(out, x0, noisy).mean()
 
@@ -156,9 +160,10 @@ def train(cfg):
               f"(N={N}, L={L}), global batch {cfg['batch_size'] * cfg['grad_accum']}, {world} process(es), {device}")
     decay_iters = cfg['max_iters'] if cfg['lr_decay_iters'] == 0 else cfg['lr_decay_iters']
     local_accum = cfg['grad_accum'] // world
+    by_count = cfg['mask_count'] and cfg['teacher'] == 'mdlm'
     t0 = time.time()
     bar = tqdm(range(start, cfg['max_iters']), initial=start, total=cfg['max_iters'], disable=not master,
-               desc=f"train {cfg['teacher']}", dynamic_ncols=True)
+               desc=f"train {cfg['teacher']}", dynamic_ncols=True, mininterval=5)
     for it in bar:
         for group in optimizer.param_groups:
             group['lr'] = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'], decay_iters, cfg['min_lr'])
@@ -170,7 +175,7 @@ def train(cfg):
             # Under DDP, gradients are averaged across processes only on the last micro-batch.
             sync = world == 1 or micro == local_accum - 1
             with (model.no_sync() if not sync else common.nullcontext()), common.autocast(device):
-                loss = batch_loss(model, objective, x0, gen, N)
+                loss = batch_loss(model, objective, x0, gen, N, by_count)
                 (loss / local_accum).backward()
             loss_sum += loss.item() / local_accum
         if not torch.isfinite(torch.tensor(loss_sum)):

@@ -1,0 +1,487 @@
+"""
+Turning a denoiser into sequences in K steps: the reverse (sampling) process of diffusion language models.
+
+    python sample.py --ckpt out/mdlm-synthetic --steps 64 --num_samples 256 --out samples.npy
+    python sample.py --ckpt exact --kind mdlm --steps 1024         # the synthetic language's exact denoiser
+    torchrun --standalone --nproc_per_node=2 sample.py --ckpt out/mdlm-synthetic --num_samples 256
+
+A denoiser is any callable net(z (B, L) ids, sigma (B,)) -> (B, L, V) in log space, exactly what model.DiT returns:
+'subs' log x0_hat (MDLM), 'x0' log x0_hat (Duo / UDLM, V = N), 'sedd' log-scores. Sampling starts from pure noise
+(all masks, or uniform tokens) at t = 1 and walks the grid t_0 = 1 > t_1 > ... > t_K = 0, drawing z_s from the
+model's reverse transition p(z_s | z_t) = q(z_s | z_t, x = x0_hat(z_t)), one position at a time (every process
+factorises over positions, IDLM §2.1 "Sequence-Level"):
+
+  MDLM ancestral (DiDi eq. 2):   a masked token unmasks with prob (alpha_s - alpha_t)/(1 - alpha_t), to a token
+                                 drawn from x0_hat; unmasked tokens stay.
+  SEDD analytic / Euler:         the same shape with the score: unmask with prob c * sum_{y != m} s_y (clamped),
+                                 token ~ s_y; c = e^{sigma_t - sigma_s} - 1 (analytic, "Tweedie") or dt * sigma'_t (Euler).
+  Duo / UDLM ancestral:          q(z_s | z_t, x0_hat) of the uniform process (IDLM eq. 17-21, rescaled as in
+                                 processes.py): a 3-way mixture "stay / draw from x0_hat / draw uniformly".
+
+The grid is processes.time_grid(K) = linspace(1, 1e-5, K + 1), except that the last step goes to s = 0 exactly,
+alpha_s = 1: there every remaining mask is unmasked (MDLM), SEDD takes its "denoising" step to sigma = 0, and the
+uniform posterior becomes p(x | z_t). So every sampler makes exactly K network calls (NFE = K, fewer with caching,
+one more with Duo's greedy tail), and a K-step student is compared with a K-step teacher at equal cost.
+
+Precision (Zheng et al. 2024, IDLM App. F): the network runs in float32 (bf16 autocast on GPU); every sampling
+computation runs in float64. float32 Gumbel noise truncates the tail and lowers the effective temperature, which
+makes generative perplexity look better than it is.
+
+Each step has two implementations, tested against each other in distribution (tests/test_sample.py):
+  reference  builds the full posterior (B, L, V) in float64 and draws with an inverse-CDF categorical. Obviously
+             right, and memory-hungry at V = 50k.
+  fused      (default) first decides per position, from per-position scalars only, whether it changes this step,
+             then draws tokens only there with a float64 Gumbel-max over the vocabulary in chunks of columns, so no
+             (B, L, V) float64 tensor is ever built.
+"""
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+from common import UserError
+from data import TokenData, ensure_data, load_data
+from losses import DuoObjective  # only for Duo's alpha(t) schedule, stored with the checkpoint
+from model import NEG_INF
+from processes import Absorbing, Uniform, alpha_loglinear, dsigma_bar_loglinear, sigma_bar_loglinear, time_grid
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults (override with --key value or --key=value; a positional argument is a config file of `key = value` lines)
+ckpt = ''                 # a checkpoint (file or folder), or 'exact': the synthetic language's exact denoiser
+kind = 'mdlm'             # only with --ckpt exact: mdlm | sedd | duo (duo = UDLM, uniform process, log-linear schedule)
+data = 'synthetic'        # only with --ckpt exact: the synthetic data folder whose language is sampled
+steps = 64                # K: network calls per sequence
+num_samples = 64          # in total, over all processes
+batch_size = 64           # sequences per network call
+seed = 0
+out = ''                  # default: <ckpt folder>/samples_<steps>.npy (decoded text beside it, as .txt)
+fused = True              # False: the reference sampler (full float64 posteriors), slow but obviously right
+sampler = 'analytic'      # SEDD only: analytic | euler
+greedy_tail = False       # Duo only: end with every token set to argmax x0_hat (lower entropy)
+chunk = 8192              # vocabulary columns per Gumbel-max chunk: memory O(rows * chunk)
+device = 'auto'
+progress = True
+# ----------------------------------------------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+KINDS = ('mdlm', 'sedd', 'duo')
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing tokens in float64
+
+def categorical(probs, generator):
+    """Reference draw: one token per row of probs (..., V), by inverting the float64 CDF. Rows need not be
+    normalised. -> (...) long"""
+    cdf = probs.to(F64).cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), dtype=F64, generator=generator, device=cdf.device)
+    return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+
+def gumbel_argmax(log_weights, generator, chunk=8192, rows=None):
+    """One categorical draw per row, proportional to exp(log_weights), by the Gumbel-max trick in float64:
+    argmax_y (l_y + g_y), g_y = -log(-log u_y). log_weights (R, V), any float dtype, unnormalised, -inf allowed;
+    rows: optional (M,) indices of the rows to draw. -> (M,) long (a row that is all -inf returns 0).
+
+    The vocabulary is visited in chunks of columns with a running max, so memory is O(M * chunk) whatever V is.
+    The noise is generated column by column (M numbers per column), so on CPU the same generator gives the same
+    draws for every chunk size."""
+    rows = torch.arange(log_weights.shape[0], device=log_weights.device) if rows is None else rows
+    M, V = len(rows), log_weights.shape[1]
+    best = torch.full((M,), -torch.inf, dtype=F64, device=log_weights.device)
+    best_id = torch.zeros(M, dtype=torch.long, device=log_weights.device)
+    if M == 0:
+        return best_id
+    for c0 in range(0, V, chunk):
+        c1 = min(c0 + chunk, V)
+        u = torch.rand(c1 - c0, M, dtype=F64, generator=generator, device=log_weights.device).T   # (M, C)
+        scores = log_weights[rows, c0:c1].to(F64) - torch.log(-torch.log(u))                   # (M, C)
+        value, index = scores.max(-1)
+        better = value > best
+        best = torch.where(better, value, best)
+        best_id = torch.where(better, index + c0, best_id)
+    return best_id
+
+
+def logsumexp_rows(log_weights, rows, chunk=8192):
+    """log sum_y exp(l_y) in float64 for the given rows of log_weights (R, V), visiting the vocabulary in chunks
+    of columns with a running max (the streaming form of logsumexp). -> (M,) float64"""
+    M, V = len(rows), log_weights.shape[1]
+    peak = torch.full((M,), -torch.inf, dtype=F64, device=log_weights.device)
+    total = torch.zeros(M, dtype=F64, device=log_weights.device)
+    for c0 in range(0, V, chunk):
+        x = log_weights[rows, c0:c0 + chunk].to(F64)                    # (M, C)
+        new_peak = torch.maximum(peak, x.max(-1).values)
+        shift = torch.where(torch.isinf(new_peak), 0.0, new_peak)      # rows still all -inf: avoid -inf - -inf
+        total = total * torch.exp(peak - shift) + torch.exp(x - shift[:, None]).sum(-1)
+        peak = new_peak
+    return torch.where(torch.isinf(peak), peak, peak + torch.log(total))
+
+
+def change_tokens(log_weights, z, change_prob, generator, chunk=8192):
+    """The fused draw shared by the absorbing samplers: position (b, i) changes with probability change_prob
+    (B, L) float64, and then takes a token drawn from exp(log_weights) (B, L, N). Untouched positions keep z."""
+    u = torch.rand(z.shape, dtype=F64, generator=generator, device=z.device)
+    rows = (u < change_prob).flatten().nonzero()[:, 0]                 # (M,) flat positions that change
+    z_new = z.flatten().clone()
+    z_new[rows] = gumbel_argmax(log_weights.flatten(0, 1), generator, chunk, rows)
+    return z_new.view_as(z)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step of each sampler: the full posterior (reference) and the fused draw
+
+def x0_probs(out):
+    """The network's log x0_hat (B, L, V) as float64 probabilities, normalised in float64. (The reference only.)"""
+    return torch.softmax(out.to(F64), dim=-1)
+
+
+def mdlm_posterior(out, z, alpha_s, alpha_t):
+    """q(z_s | z_t, x0_hat), DiDi eq. 2 (processes.Absorbing.posterior): a masked token stays masked with
+    prob (1 - alpha_s)/(1 - alpha_t), else becomes y with prob (alpha_s - alpha_t) x0_hat_y/(1 - alpha_t).
+    out: SUBS log x0_hat (B, L, N + 1). -> (B, L, N + 1) float64"""
+    return Absorbing(out.shape[-1] - 1).posterior(z, x0_probs(out), alpha_s, alpha_t)
+
+
+def mdlm_step(out, z, alpha_s, alpha_t, generator, fused=True, chunk=8192):
+    """One MDLM ancestral step t -> s (DiDi eq. 2). Fused: unmask each masked position with probability
+    (alpha_s - alpha_t)/(1 - alpha_t), then draw its token from x0_hat. SUBS gives the mask zero mass, so the mask
+    column (id N, the last) is simply left out of the draw."""
+    if not fused:
+        return categorical(mdlm_posterior(out, z, alpha_s, alpha_t), generator)
+    mask_id = out.shape[-1] - 1
+    unmask = torch.where(z == mask_id, (alpha_s - alpha_t) / (1 - alpha_t), 0.0)        # (B, L)
+    return change_tokens(out[..., :mask_id], z, unmask, generator, chunk)
+
+
+def sedd_posterior(out, z, coef, final):
+    """SEDD's reverse transition at a masked position (IDLM eq. 3's score s_y = exp(l_y), Q_abs of eq. 12):
+    p(y) = coef * s_y for y != m and p(m) = 1 - coef * sum_{y != m} s_y, clamped at 0 as in the SEDD code; the
+    final (denoising) step gives the mask no mass at all. Unmasked positions stay. out: log-scores (B, L, N + 1).
+    -> (B, L, N + 1) float64, rows normalised"""
+    mask_id = out.shape[-1] - 1
+    probs = coef * torch.exp(out.to(F64))
+    stay = (1 - probs[..., :mask_id].sum(-1)).clamp_min(0)
+    probs[..., mask_id] = 0.0 if final else stay
+    probs = probs / probs.sum(-1, keepdim=True)
+    keep = torch.nn.functional.one_hot(z, out.shape[-1]).to(F64)
+    return torch.where((z == mask_id)[..., None], probs, keep)
+
+
+def sedd_step(out, z, coef, final, generator, fused=True, chunk=8192):
+    """One SEDD step with log-scores out (B, L, N + 1). coef = e^{sigma_t - sigma_s} - 1 (analytic / Tweedie
+    tau-leaping) or (t - s) sigma'_t (Euler); both give the same form, so both share the fused path:
+    P(change) = min(1, coef * sum_{y != m} s_y) from a float64 logsumexp over the masked rows only, and the new
+    token ~ s_y. final: the denoising step to sigma = 0, which unmasks every remaining position."""
+    if not fused:
+        return categorical(sedd_posterior(out, z, coef, final), generator)
+    mask_id = out.shape[-1] - 1
+    scores = out[..., :mask_id]                                        # (B, L, N) a view: the mask is no target
+    masked = (z == mask_id).flatten()
+    rows = masked.nonzero()[:, 0]
+    change = torch.zeros(z.numel(), dtype=F64, device=z.device)
+    if final:
+        change[rows] = 1.0
+    else:
+        change[rows] = (coef * torch.exp(logsumexp_rows(scores.flatten(0, 1), rows, chunk))).clamp(0, 1)
+    return change_tokens(scores, z, change.view_as(z).to(F64), generator, chunk)
+
+
+def duo_posterior(out, z, alpha_s, alpha_t):
+    """q(z_s | z_t, x0_hat) of the uniform process (processes.Uniform.posterior, Bayes' rule with x0_hat in
+    place of x0). out: log x0_hat (B, L, N). -> (B, L, N) float64"""
+    return Uniform(out.shape[-1]).posterior(z, x0_probs(out), alpha_s, alpha_t)
+
+
+def duo_mixture(x0_at_z, alpha_s, alpha_t, N):
+    """The uniform posterior as a 3-way mixture c_stay onehot(z_t) + c_x x0_hat + c_u uniform, per position:
+    D = N a_t x_i + 1 - a_t, c_stay = (N a_t x_i + a_t/a_s - a_t)/D, c_x = (a_s - a_t)/D,
+    c_u = (1 - a_t/a_s)(1 - a_s)/D, with x_i = x0_hat at the current token, x0_at_z (B, L) float64.
+    (Uniform.posterior's numerator, grouped by its three vectors; the three sum to one.)"""
+    D = N * alpha_t * x0_at_z + 1 - alpha_t
+    c_stay = (N * alpha_t * x0_at_z + alpha_t / alpha_s - alpha_t) / D
+    c_x = (alpha_s - alpha_t) / D
+    c_u = (1 - alpha_t / alpha_s) * (1 - alpha_s) / D
+    return c_stay, c_x, c_u
+
+
+def duo_step(out, z, alpha_s, alpha_t, generator, fused=True, chunk=8192):
+    """One Duo / UDLM ancestral step t -> s. Fused: pick the mixture component per position (duo_mixture), then
+    draw tokens from x0_hat (Gumbel-max) only where the component is x0_hat, uniformly where it is 'uniform'.
+    x_i needs x0_hat normalised in float64: one streaming logsumexp over every row."""
+    if not fused:
+        return categorical(duo_posterior(out, z, alpha_s, alpha_t), generator)
+    N = out.shape[-1]
+    flat, ids = out.flatten(0, 1), z.flatten()                          # (B L, N), (B L,)
+    all_rows = torch.arange(len(ids), device=z.device)
+    log_x_i = flat[all_rows, ids].to(F64) - logsumexp_rows(flat, all_rows, chunk)
+    _, c_x, c_u = duo_mixture(torch.exp(log_x_i), alpha_s, alpha_t, N)
+    u = torch.rand(ids.shape, dtype=F64, generator=generator, device=z.device)
+    from_x0 = u < c_x
+    from_uniform = ~from_x0 & (u < c_x + c_u)
+    z_new = ids.clone()
+    z_new[from_x0] = gumbel_argmax(flat, generator, chunk, from_x0.nonzero()[:, 0])
+    z_new[from_uniform] = torch.randint(0, N, (int(from_uniform.sum()),), generator=generator, device=z.device)
+    return z_new.view_as(z)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The K-step loop
+
+@dataclass
+class TimePlan:
+    """The K-step grid: t (K + 1,), alpha_t and the network's sigma = -log alpha_t, all float64, with the last
+    point moved to s = 0 (alpha = 1, sigma = 0). sigma_min is sigma at the grid's own t_min (greedy tail)."""
+    t: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    sigma_min: torch.Tensor
+
+
+def time_plan(steps, schedule='loglinear', device='cpu'):
+    """schedule 'loglinear' (MDLM, SEDD, UDLM): alpha_t = 1 - (1 - eps) t, sigma = sigma_bar_t. Or a DuoObjective:
+    alpha_t from Duo's Gaussian latent (IDLM eq. 22), sigma = -log alpha_t (what the Duo network is fed)."""
+    t = time_grid(steps).to(device)
+    if schedule == 'loglinear':
+        alpha, sigma = alpha_loglinear(t), sigma_bar_loglinear(t)
+    else:
+        alpha = schedule.alpha(t).to(F64)
+        sigma = -torch.log(alpha)
+    sigma_min = sigma[-1].clone()
+    t[-1], alpha[-1], sigma[-1] = 0.0, 1.0, 0.0
+    return TimePlan(t, alpha, sigma, sigma_min)
+
+
+def sedd_coefficient(sampler, plan, k):
+    """coef of step k (t -> s): analytic e^{sigma_t - sigma_s} - 1, Euler (t - s) dsigma_bar/dt (at t)."""
+    t, s = plan.t[k], plan.t[k + 1]
+    if sampler == 'euler':
+        return (t - s) * dsigma_bar_loglinear(t)
+    return torch.expm1(plan.sigma[k] - plan.sigma[k + 1])
+
+
+def take_step(kind, out, z, plan, k, generator, fused, sampler, chunk):
+    """Step k of the grid, t_k -> t_{k+1}, for any kind of model."""
+    alpha_t, alpha_s = plan.alpha[k], plan.alpha[k + 1]
+    if kind == 'mdlm':
+        return mdlm_step(out, z, alpha_s, alpha_t, generator, fused, chunk)
+    if kind == 'sedd':
+        final = k == len(plan.t) - 2
+        return sedd_step(out, z, sedd_coefficient(sampler, plan, k), final, generator, fused, chunk)
+    return duo_step(out, z, alpha_s, alpha_t, generator, fused, chunk)
+
+
+def call_network(net, z, sigma):
+    """net(z, sigma) under bf16 autocast on GPU for a torch module; exact (float64) denoisers run as they are."""
+    amp = common.autocast(z.device) if isinstance(net, torch.nn.Module) else nullcontext()
+    with amp:
+        return net(z, sigma)
+
+
+def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tail, cache, chunk, bar=None):
+    """Run the K steps on one batch from pure noise. cache: the network ignores sigma (MDLM's released model, and
+    the exact absorbing denoiser), so its output changes only where z changed: rows of the batch that did not
+    change since the last call keep their output, and a step where no row changed makes no call.
+    Returns (z (B, L) long, number of network calls)."""
+    device = generator.device
+    if kind == 'duo':
+        z = torch.randint(0, N, (B, L), generator=generator, device=device)    # the uniform prior at t = 1
+    else:
+        z = torch.full((B, L), N, dtype=torch.long, device=device)             # all masks
+    out, stale, calls = None, torch.ones(B, dtype=torch.bool, device=device), 0
+    for k in range(len(plan.t) - 1):
+        sigma = plan.sigma[k].expand(B)
+        if out is None or not cache:
+            out, calls = call_network(net, z, sigma), calls + 1
+        elif stale.any():
+            out[stale], calls = call_network(net, z[stale], sigma[stale]), calls + 1
+        z_new = take_step(kind, out, z, plan, k, generator, fused, sampler, chunk)
+        stale, z = (z_new != z).any(-1), z_new
+        if bar is not None:
+            bar.update(1)
+    if greedy_tail:
+        # Duo's greedy tail: one more call on the final z, then every token becomes argmax x0_hat
+        z, calls = call_network(net, z, plan.sigma_min.expand(B)).argmax(-1), calls + 1
+    return z, calls
+
+
+@torch.no_grad()
+def generate(net, kind, num_samples, seq_len, steps, N, generator, batch_size=64, fused=True, sampler=None,
+             greedy_tail=False, time_conditioned=None, schedule='loglinear', chunk=8192, progress=True):
+    """Sample num_samples sequences of seq_len tokens in `steps` steps from the denoiser net (see the module
+    docstring). kind: 'mdlm' | 'sedd' | 'duo'; N real tokens (absorbing models add mask id N); sampler (SEDD):
+    'analytic' (default) | 'euler'; schedule: 'loglinear', or a DuoObjective for a Duo model; time_conditioned:
+    None reads net.config.time_conditioning (or net.time_conditioned), and only False allows caching (MDLM).
+    Everything runs on generator.device. Returns (LongTensor (num_samples, seq_len), NFE = network calls per
+    batch, averaged over batches)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    sampler = sampler or ('analytic' if kind == 'sedd' else 'ancestral')
+    allowed = ('analytic', 'euler') if kind == 'sedd' else ('ancestral',)
+    if sampler not in allowed:
+        raise ValueError(f"the {kind} sampler is one of {', '.join(allowed)}, got {sampler!r}")
+    if greedy_tail and kind != 'duo':
+        raise ValueError("greedy_tail is Duo's option; absorbing samplers end with no noise left")
+    if schedule != 'loglinear' and kind != 'duo':
+        raise ValueError("absorbing samplers use the log-linear schedule; a DuoObjective schedule is for kind 'duo'")
+    if time_conditioned is None:
+        config = getattr(net, 'config', None)
+        time_conditioned = getattr(config, 'time_conditioning', getattr(net, 'time_conditioned', True))
+    cache = kind == 'mdlm' and not time_conditioned
+    plan = time_plan(steps, schedule, generator.device)
+    batches = range(0, num_samples, batch_size)
+    bar = tqdm(total=len(batches) * steps, desc=f"sample {kind} K={steps}", disable=not progress,
+               dynamic_ncols=True, mininterval=2)
+    samples, calls = [], []
+    for b0 in batches:
+        B = min(batch_size, num_samples - b0)
+        z, c = sample_batch(net, kind, B, seq_len, N, plan, generator, fused, sampler, greedy_tail, cache, chunk, bar)
+        samples.append(z)
+        calls.append(c)
+    bar.close()
+    nfe = sum(calls) / max(1, len(calls))
+    return torch.cat(samples) if samples else torch.zeros(0, seq_len, dtype=torch.long), nfe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What to sample: a checkpoint, or the synthetic language's exact denoiser
+
+class ExactDenoiser:
+    """The synthetic language's exact posterior (data.SyntheticLanguage.denoise) dressed as a network, in float64.
+
+    mdlm: SUBS log x0_hat (B, L, N + 1) = log p(x_i | z), mask column at NEG_INF. The absorbing posterior does not
+          depend on alpha (a mask is emitted with prob 1 - alpha whatever x is), so sigma is ignored and the
+          sampler may cache (time_conditioned = False). Unmasked positions come out one-hot: SUBS carry-over.
+    sedd: the exact log-score at masked positions, l_y = log p(x_i = y | z) - log expm1(sigma) (processes-and-
+          losses.md: s_y = x0_hat_y / expm1(sigma_bar)); the current token's entry is 0, as in the DiT head.
+    duo:  the uniform process with alpha = exp(-sigma) (UDLM, log-linear). Its x0_hat is p(x_i | z without z_i),
+          NOT p(x_i | z): the plug-in posterior q(z_s | z_t, x0_hat) is the exact reverse step only for this
+          "leave-one-out" posterior (the uniform emission of z_i depends on x_i), and it is also what minimises the
+          UDLM loss. It is p(x_i | z) divided by the own emission alpha [z_i = x] + (1 - alpha)/N, renormalised."""
+
+    def __init__(self, language, kind):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        self.language, self.kind, self.N = language, kind, language.N
+        self.time_conditioned = kind != 'mdlm'
+
+    def __call__(self, z, sigma):
+        N, sigma = self.N, sigma.to(F64)
+        if self.kind == 'duo':
+            alpha = torch.exp(-sigma)[:, None, None]                                     # (B, 1, 1)
+            post = self.language.denoise(z, 'uniform', alpha[:, 0, 0])                  # (B, L, N)
+            own = alpha * torch.nn.functional.one_hot(z, N).to(F64) + (1 - alpha) / N
+            return torch.log(post / own).log_softmax(-1).clamp_min(NEG_INF)
+        log_post = torch.log(self.language.denoise(z, 'absorbing', 0.5)).clamp_min(NEG_INF)  # any alpha in (0, 1)
+        if self.kind == 'sedd':
+            log_post = log_post - torch.log(torch.expm1(sigma))[:, None, None]
+        out = torch.cat([log_post, torch.full_like(log_post[..., :1], NEG_INF)], dim=-1)  # (B, L, N + 1)
+        return out.scatter(-1, z[..., None], 0.0) if self.kind == 'sedd' else out
+
+
+def exact_denoiser(language, kind):
+    """The exact denoiser of a data.SyntheticLanguage for a sampler kind ('mdlm', 'sedd', 'duo'); see ExactDenoiser."""
+    return ExactDenoiser(language, kind)
+
+
+def duo_schedule(config, N):
+    """The DuoObjective (for its alpha(t)) a Duo checkpoint was trained with; 0.0 / 0.0 means 'chosen for N'."""
+    gammas = (config.get('duo_gamma_min', 0.0), config.get('duo_gamma_max', 0.0))
+    return DuoObjective(N) if gammas == (0.0, 0.0) else DuoObjective(N, *gammas)
+
+
+def load_sampler(ckpt_path, device):
+    """A checkpoint of this project as something to sample: (net, kind, N, seq_len, data meta, schedule), with
+    the EMA weights in eval mode on device. kind is the checkpoint's 'teacher' field (students store it too);
+    schedule is 'loglinear', or the DuoObjective whose alpha(t) a Duo model was trained with."""
+    net, ckpt = common.load_model(ckpt_path, which='ema')
+    kind = ckpt.get('teacher')
+    if kind == 'ar':
+        raise UserError(f"{ckpt_path} holds an autoregressive model: it is sampled left to right, one token per call, "
+                        f"and is not a diffusion sampler target; sample an mdlm, sedd or duo checkpoint")
+    if kind not in KINDS:
+        raise UserError(f"{ckpt_path} says its model is {kind!r}; sample.py knows {', '.join(KINDS)}")
+    meta = ckpt['data_meta']
+    N, seq_len = meta['vocab_size'], meta['seq_len']
+    schedule = duo_schedule(ckpt.get('config', {}), N) if kind == 'duo' else 'loglinear'
+    return net.to(device).eval(), kind, N, seq_len, meta, schedule
+
+
+def open_target(cfg, rank, world, device):
+    """(net, kind, N, seq_len, meta, schedule, default output folder) for --ckpt, including --ckpt exact."""
+    if cfg['ckpt'] != 'exact':
+        if not cfg['ckpt']:
+            raise UserError("pass --ckpt: a checkpoint (file or folder) or 'exact' for the synthetic language")
+        folder = cfg['ckpt'] if os.path.isdir(cfg['ckpt']) else os.path.dirname(cfg['ckpt'])
+        return (*load_sampler(cfg['ckpt'], device), folder)
+    if cfg['kind'] not in KINDS:
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, not {cfg['kind']!r}")
+    if rank == 0:
+        ensure_data(cfg['data'])                 # prepares 'synthetic' on first use, once
+    if world > 1:
+        dist.barrier()
+    dataset = load_data(ensure_data(cfg['data']))
+    language = dataset.language()
+    if language is None:
+        raise UserError(f"--ckpt exact needs synthetic data with a known language; {cfg['data']} is text")
+    folder = os.path.join('out', f"exact-{cfg['kind']}-{os.path.basename(os.path.normpath(dataset.path))}")
+    return exact_denoiser(language, cfg['kind']), cfg['kind'], language.N, language.L, dataset.meta, 'loglinear', folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line (one process, or torchrun: every rank samples its share, rank 0 writes one file)
+
+def gather_samples(x, world):
+    """All ranks' samples, in rank order, on every rank (numpy: works for gloo and NCCL alike)."""
+    if world == 1:
+        return x.cpu().numpy()
+    parts = [None] * world
+    dist.all_gather_object(parts, x.cpu().numpy())
+    return np.concatenate(parts)
+
+
+def save_samples(path, samples, meta):
+    """(num_samples, seq_len) int64 .npy, plus the decoded text beside it (<path>.txt, one sequence a line)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.save(path, samples.astype(np.int64))
+    with open(path + '.txt', 'w') as f:
+        f.write('\n'.join(TokenData(None, meta, None, None).decode(samples)) + '\n')
+
+
+def main(argv=None):
+    cfg = common.configure(DEFAULTS, argv)
+    if cfg['num_samples'] < 1 or cfg['steps'] < 1 or cfg['batch_size'] < 1:
+        raise UserError("--num_samples, --steps and --batch_size must be at least 1")
+    rank, world, device = common.setup_distributed(cfg['device'])
+    net, kind, N, L, meta, schedule, folder = open_target(cfg, rank, world, device)
+    share = cfg['num_samples'] // world + (rank < cfg['num_samples'] % world)   # exact total, as even as possible
+    generator = common.step_generator(cfg['seed'], rank, device=device)           # distinct noise on every rank
+    start = time.time()
+    try:
+        x, nfe = generate(net, kind, share, L, cfg['steps'], N, generator, batch_size=cfg['batch_size'],
+                          fused=cfg['fused'], sampler=cfg['sampler'] if kind == 'sedd' else None,
+                          greedy_tail=cfg['greedy_tail'], schedule=schedule, chunk=cfg['chunk'],
+                          progress=cfg['progress'] and rank == 0)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    seconds = time.time() - start
+    samples = gather_samples(x, world)
+    if rank == 0:
+        path = cfg['out'] or os.path.join(folder, f"samples_{cfg['steps']}.npy")
+        save_samples(path, samples, meta)
+        print(f"wrote {len(samples)} samples of {L} tokens to {path} (+ .txt): {kind}, K={cfg['steps']}, "
+              f"NFE {nfe:.1f} per batch, {seconds / max(1, share):.4f} s per sequence on rank 0")
+
+
+if __name__ == '__main__':
+    common.run(main)

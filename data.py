@@ -121,8 +121,10 @@ class SyntheticLanguage:
             absorbing: e(z | x) = alpha [z == x] + (1 - alpha) [z == N]   (N is the mask id)
             uniform:   e(z | x) = alpha [z == x] + (1 - alpha) / N
         These are the absorbing process's marginals at alpha_t (IDLM eq. 16) and the uniform process's (IDLM
-        eq. 17, scaled as in processes.py), so the result is the optimal x0-predictor of MDLM (IDLM eq. 4) and of
-        a uniform-state model that sees the discrete x_t (UDLM; Duo's argmax(w_t) follows that process).
+        eq. 17, scaled as in processes.py). For the absorbing process the result is the optimal x0-predictor of
+        MDLM (IDLM eq. 4). For the uniform process it is NOT the optimal UDLM x0-predictor: that one is the
+        "leave-one-out" posterior p(x_i | z without z_i), this result divided by position i's own emission
+        e(z_i | x) and renormalised (sample.ExactDenoiser does so; tests/test_sample.py checks it).
         Per component: one forward and one backward pass, each step normalised to avoid underflow; the running
         log of the normalisers is log p_k(z). Components are then weighted by pi_k p_k(z) / p(z).
         alpha: float, or a tensor of shape (B,) or (B, 1).

@@ -58,12 +58,14 @@ def mdlm_loss(log_x0_hat, x0, x_t, alpha, dalpha, mask_id):
     """MDLM NELBO integrand, IDLM eq. 4 / DiDi eq. 3 with lambda_t = -alpha'_t / (1 - alpha_t) (= 1/t for the
     log-linear schedule): weight * cross-entropy(x0, x0_hat) at masked positions, 0 at unmasked ones (there
     SUBS carries x_t = x0 over and the term is exactly 0). log_x0_hat (B, L, V), alpha, dalpha (B, 1) -> (B, L)"""
-    x0 = _probs(x0, log_x0_hat.shape[-1], log_x0_hat)
-    masked = (x_t == mask_id)[..., None]                                  # (B, L, 1)
-    # zero the log-probs at unmasked positions first: SUBS puts -inf there, and 0 * -inf = nan
-    log_x0_hat = torch.where(masked, log_x0_hat, torch.zeros_like(log_x0_hat))
-    cross_entropy = -_p_log(x0, log_x0_hat).sum(-1)                       # (B, L)
-    return -dalpha / (1 - alpha) * cross_entropy
+    masked = x_t == mask_id                                               # (B, L)
+    if not x0.is_floating_point():  # ids: a gather, no (B, L, V) one-hot (it is 1.6 GB at the papers' scale)
+        cross_entropy = -log_x0_hat.gather(-1, x0[..., None]).squeeze(-1)
+    else:
+        # zero the log-probs at unmasked positions first: SUBS puts -inf there, and 0 * -inf = nan
+        log_x0_hat = torch.where(masked[..., None], log_x0_hat, torch.zeros_like(log_x0_hat))
+        cross_entropy = -_p_log(_probs(x0, log_x0_hat.shape[-1], log_x0_hat), log_x0_hat).sum(-1)  # (B, L)
+    return -dalpha / (1 - alpha) * torch.where(masked, cross_entropy, torch.zeros_like(cross_entropy))
 
 
 def sedd_absorb_loss(log_score, x0, x_t, sigma_bar, dsigma_bar, mask_id):

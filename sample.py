@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError
-from data import TokenData, ensure_data, load_data
+from data import DataError, TokenData, ensure_data, load_data
 from losses import DuoObjective  # only for Duo's alpha(t) schedule, stored with the checkpoint
 from model import NEG_INF
 from processes import Absorbing, Uniform, alpha_loglinear, dsigma_bar_loglinear, sigma_bar_loglinear, time_grid
@@ -180,7 +180,9 @@ def sedd_step(out, z, coef, final, generator, fused=True, chunk=8192):
     """One SEDD step with log-scores out (B, L, N + 1). coef = e^{sigma_t - sigma_s} - 1 (analytic / Tweedie
     tau-leaping) or (t - s) sigma'_t (Euler); both give the same form, so both share the fused path:
     P(change) = min(1, coef * sum_{y != m} s_y) from a float64 logsumexp over the masked rows only, and the new
-    token ~ s_y. final: the denoising step to sigma = 0, which unmasks every remaining position."""
+    token ~ s_y. final: the denoising step to sigma = 0, which unmasks every remaining position.
+    With the log-linear schedule the two coefficients are equal, e^{sigma_t - sigma_s} - 1 = (1 - eps)(t - s)/alpha_t
+    = (t - s) sigma'_t, so Euler and analytic sampling coincide there (they differ for other schedules)."""
     if not fused:
         return categorical(sedd_posterior(out, z, coef, final), generator)
     mask_id = out.shape[-1] - 1
@@ -192,7 +194,7 @@ def sedd_step(out, z, coef, final, generator, fused=True, chunk=8192):
         change[rows] = 1.0
     else:
         change[rows] = (coef * torch.exp(logsumexp_rows(scores.flatten(0, 1), rows, chunk))).clamp(0, 1)
-    return change_tokens(scores, z, change.view_as(z).to(F64), generator, chunk)
+    return change_tokens(scores, z, change.view_as(z), generator, chunk)
 
 
 def duo_posterior(out, z, alpha_s, alpha_t):
@@ -451,11 +453,17 @@ def gather_samples(x, world):
 
 
 def save_samples(path, samples, meta):
-    """(num_samples, seq_len) int64 .npy, plus the decoded text beside it (<path>.txt, one sequence a line)."""
+    """(num_samples, seq_len) int64 .npy, plus the decoded text beside it (<path>.txt, one sequence a line;
+    synthetic tokens are written as ids)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.save(path, samples.astype(np.int64))
+    try:
+        text = TokenData(None, meta, None, None).decode(samples)   # decoding needs only the meta
+    except DataError as e:  # e.g. GPT-2 BPE files not available offline: the ids are saved all the same
+        print(f"no decoded text written: {e}")
+        return
     with open(path + '.txt', 'w') as f:
-        f.write('\n'.join(TokenData(None, meta, None, None).decode(samples)) + '\n')
+        f.write('\n'.join(text) + '\n')
 
 
 def main(argv=None):

@@ -1,0 +1,221 @@
+"""
+Judging what a model generates in K steps, the way both papers do, plus the truth where we have it.
+
+    python eval.py --ckpt out/mdlm-synthetic --steps 4,8,16,64,256,1024     # teacher rows + exact-denoiser floor
+    python eval.py --ckpt out/mdlm-synthetic,out/idlm-mdlm --steps 4,8,16   # several checkpoints side by side
+    python eval.py --ckpt out/mdlm-pydoc --data pydoc --judge out/ar-pydoc  # real text: an AR judge instead
+
+Metrics for a batch of generated sequences x (num_samples, L):
+  true GenPPL   exp(mean over sequences of -log p_true(x) / L), on the synthetic language only: exact, no judge.
+                The language's own samples score exp(H), H its entropy rate (reference/benchmark.md).
+  judge GenPPL  exp(token-weighted mean NLL) under an autoregressive judge (train.py --teacher ar here; the
+                papers use GPT-2 Large): the proxy for real text.
+  entropy       per sequence, the entropy (nats) of the empirical distribution of its own tokens; the mean over
+                sequences (both papers' definition). Low GenPPL with low entropy is repetition, not quality.
+  NELBO PPL     exp(validation NELBO per token) of the checkpoint (zero-shot likelihood, DiDi Table 7).
+  latency       seconds per sequence and tokens per second of the whole K-step sampler.
+Every row is sampled in float64 (sample.py). The sweep writes <out>/results.json, <out>/table.md and, if
+matplotlib is installed, <out>/plot.png (GenPPL and entropy against steps, one line per model).
+"""
+
+import json
+import math
+import os
+import time
+
+import torch
+
+import common
+from common import UserError
+from data import ensure_data, load_data
+from model import ar_log_likelihood
+from sample import exact_denoiser, generate, load_sampler
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults (override with --key value or --key=value)
+ckpt = ''                 # comma-separated checkpoints; 'exact' adds the synthetic language's exact denoiser
+kind = 'mdlm'             # the sampler of --ckpt exact: mdlm | sedd | duo
+data = 'synthetic'        # held-out data: the reference row, NELBO, and the language for true GenPPL
+steps = '4,8,16,64,256,1024'
+num_samples = 256
+batch_size = 64
+seed = 0
+judge = ''                # an AR checkpoint (train.py --teacher ar) for judge GenPPL; '' = none
+floor = True              # on synthetic data, add the exact denoiser's rows (the best any K-step sampler can do)
+nelbo_batches = 16        # validation batches for the NELBO perplexity (0: skip)
+fused = True
+sampler = 'analytic'      # SEDD only
+greedy_tail = False       # Duo only
+out = 'out/eval'
+device = 'auto'
+# ----------------------------------------------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+def true_genppl(language, x):
+    """exp(mean over sequences of -log p(x) / L) under the synthetic language's exact likelihood."""
+    return math.exp((-language.log_prob(x) / x.shape[1]).mean().item())
+
+
+def sample_entropy(x):
+    """Mean over sequences of the entropy (nats) of each sequence's own empirical token distribution."""
+    counts = torch.zeros(x.shape[0], int(x.max()) + 1, dtype=torch.float64).scatter_add_(
+        1, x.long(), torch.ones_like(x, dtype=torch.float64))
+    p = counts / x.shape[1]
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1).mean().item()
+
+
+@torch.no_grad()
+def judge_genppl(judge, x, bos_id, batch_size=64):
+    """exp(token-weighted mean NLL) of x under an autoregressive judge (every position counts)."""
+    device = next(judge.parameters()).device
+    nll = sum(-ar_log_likelihood(judge, x[i:i + batch_size].to(device), bos_id).double().sum().item()
+              for i in range(0, len(x), batch_size))
+    return math.exp(nll / x.numel())
+
+
+def nelbo_perplexity(ckpt_path, dataset, batches, device):
+    """exp(validation NELBO per token) of a checkpoint, with train.py's fixed validation batches and noise."""
+    import train  # here, not at the top: only this metric needs the training code
+    model, ckpt = common.load_model(ckpt_path)
+    cfg = {**train.DEFAULTS, **ckpt['config'], 'eval_batches': batches}
+    objective = train.teacher_objective(cfg, dataset.vocab_size)
+    return math.exp(train.evaluate(model.to(device), objective, dataset, cfg, 0, 1, device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sweep
+
+def targets(cfg, language, device):
+    """(label, net, kind, schedule, checkpoint path or None) for every model in --ckpt, plus the floor."""
+    names = [c for c in cfg['ckpt'].split(',') if c]
+    if cfg['floor'] and language is not None and 'exact' not in names:
+        names.append('exact')
+    for name in names:
+        if name == 'exact':
+            if language is None:
+                raise UserError("--ckpt exact needs synthetic data with a known language")
+            yield f"exact {cfg['kind']} denoiser", exact_denoiser(language, cfg['kind']), cfg['kind'], 'loglinear', None
+        else:
+            net, kind, N, L, meta, schedule = load_sampler(name, device)
+            yield os.path.basename(os.path.normpath(name)), net, kind, schedule, name
+
+
+def evaluate_samples(x, language, judge, bos_id):
+    row = {'entropy': sample_entropy(x)}
+    if language is not None:
+        row['genppl_true'] = true_genppl(language, x)
+    if judge is not None:
+        row['genppl_judge'] = judge_genppl(judge, x, bos_id)
+    return row
+
+
+def sweep(cfg):
+    _, _, device = common.setup_distributed(cfg['device'])
+    dataset = load_data(ensure_data(cfg['data']))
+    language, N, L = dataset.language(), dataset.vocab_size, dataset.seq_len
+    judge = None
+    if cfg['judge']:
+        judge, judge_ckpt = common.load_model(cfg['judge'])
+        if judge.config.head != 'ar' or judge.config.vocab_size != N + 1:
+            raise UserError(f"--judge {cfg['judge']} is not an AR model over this data's {N} tokens; "
+                            f"train one with python train.py --teacher ar --data {cfg['data']}")
+        judge = judge.to(device).eval()
+    try:
+        step_list = [int(s) for s in cfg['steps'].split(',') if s]
+    except ValueError:
+        raise UserError(f"--steps takes comma-separated integers such as 4,8,16, not {cfg['steps']!r}") from None
+
+    reference = dataset.batch('val', torch.arange(min(cfg['num_samples'], len(dataset.val))))
+    rows = [{'model': 'data (held out)', 'steps': 0, **evaluate_samples(reference, language, judge, N)}]
+    print(format_row(rows[0]))
+    for label, net, kind, schedule, path in targets(cfg, language, device):
+        extra = {}
+        if path is not None and cfg['nelbo_batches'] > 0:
+            extra['nelbo_ppl'] = nelbo_perplexity(path, dataset, cfg['nelbo_batches'], device)
+        for K in step_list:
+            generator = common.step_generator(cfg['seed'], K, device=device)
+            start = time.time()
+            x, nfe = generate(net, kind, cfg['num_samples'], L, K, N, generator, batch_size=cfg['batch_size'],
+                              fused=cfg['fused'], sampler=cfg['sampler'] if kind == 'sedd' else None,
+                              greedy_tail=cfg['greedy_tail'] and kind == 'duo', schedule=schedule, progress=False)
+            seconds = time.time() - start
+            row = {'model': label, 'steps': K, 'nfe': nfe, **evaluate_samples(x.cpu(), language, judge, N),
+                   'sec_per_seq': seconds / len(x), 'tok_per_sec': x.numel() / seconds, **extra}
+            rows.append(row)
+            print(format_row(row))
+    return rows, language
+
+
+COLUMNS = [('model', 'model', '{}'), ('steps', 'steps', '{}'), ('nfe', 'NFE', '{:.1f}'),
+           ('genppl_true', 'true GenPPL', '{:.3f}'), ('genppl_judge', 'judge GenPPL', '{:.2f}'),
+           ('entropy', 'entropy', '{:.3f}'), ('nelbo_ppl', 'NELBO PPL', '{:.3f}'),
+           ('sec_per_seq', 's/seq', '{:.4f}'), ('tok_per_sec', 'tok/s', '{:.0f}')]
+
+
+def format_row(row):
+    return '  '.join(f"{title} {fmt.format(row[key])}" for key, title, fmt in COLUMNS if key in row)
+
+
+def markdown_table(rows, language):
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ['| ' + ' | '.join(title for _, title, _ in cols) + ' |', '|' + '---|' * len(cols)]
+    for r in rows:
+        lines.append('| ' + ' | '.join(fmt.format(r[k]) if k in r else '' for k, _, fmt in cols) + ' |')
+    if language is not None:
+        H = language.entropy_rate()[0]
+        lines.append(f"\nexp(H) = {math.exp(H):.3f}: the true GenPPL of the language itself (H = {H:.4f} nats/token).")
+    return '\n'.join(lines) + '\n'
+
+
+def plot(rows, path):
+    """GenPPL and entropy against steps, one line per model; the held-out data as dashed lines."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    key = 'genppl_true' if 'genppl_true' in rows[0] else 'genppl_judge' if 'genppl_judge' in rows[0] else None
+    panels = ([key] if key else []) + ['entropy']
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    axes = axes if len(panels) > 1 else [axes]
+    models = [m for m in dict.fromkeys(r['model'] for r in rows) if m != 'data (held out)']
+    for ax, k in zip(axes, panels):
+        for m in models:
+            pts = [(r['steps'], r[k]) for r in rows if r['model'] == m]
+            ax.plot(*zip(*pts), marker='o', label=m)
+        ax.axhline(rows[0][k], color='k', ls='--', lw=1, label='data')
+        ax.set_xscale('log', base=2)
+        ax.set_xlabel('sampling steps K')
+        ax.set_ylabel({'genppl_true': 'true GenPPL', 'genppl_judge': 'judge GenPPL', 'entropy': 'entropy (nats)'}[k])
+        if k != 'entropy':
+            ax.set_yscale('log')
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    cfg = common.configure(DEFAULTS, argv)
+    if not cfg['ckpt'] and not cfg['floor']:
+        raise UserError("pass --ckpt (comma-separated checkpoints, or 'exact')")
+    rows, language = sweep(cfg)
+    os.makedirs(cfg['out'], exist_ok=True)
+    with open(os.path.join(cfg['out'], 'results.json'), 'w') as f:
+        json.dump({'config': cfg, 'rows': rows}, f, indent=1)
+    table = markdown_table(rows, language)
+    with open(os.path.join(cfg['out'], 'table.md'), 'w') as f:
+        f.write(table)
+    print('\n' + table)
+    plot(rows, os.path.join(cfg['out'], 'plot.png'))
+
+
+if __name__ == '__main__':
+    common.run(main)

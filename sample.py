@@ -402,10 +402,31 @@ def duo_schedule(config, N):
     return DuoObjective(N) if gammas == (0.0, 0.0) else DuoObjective(N, *gammas)
 
 
+class StudentScores(torch.nn.Module):
+    """A SEDD student distilled by IDLM (distill_idlm.py) read as SEDD log-scores with the exact total mass.
+    Its training sees only x0_hat = softmax over y != m of its log-scores at masked positions (the per-position
+    total mass is a direction the loss cannot see, so it drifts from the teacher's), hence the step uses the
+    score that x0_hat implies, l_y = log x0_hat_y - log expm1(sigma) (processes-and-losses.md); with it, the SEDD
+    analytic step is the MDLM ancestral step. Unmasked positions are left as they are (the sampler keeps them)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.config = net, net.config
+
+    def forward(self, z, sigma):
+        out = self.net(z, sigma)                                                    # (B, L, N + 1)
+        mask_id = out.shape[-1] - 1
+        log_mass = torch.log(torch.expm1(sigma.double().clamp_min(1e-8))).to(out.dtype)
+        scores = out[..., :mask_id].log_softmax(-1) - log_mass[:, None, None]
+        scores = torch.cat([scores, out[..., mask_id:]], dim=-1)
+        return torch.where((z == mask_id)[..., None], scores, out)
+
+
 def load_sampler(ckpt_path, device):
     """A checkpoint of this project as something to sample: (net, kind, N, seq_len, data meta, schedule), with
     the EMA weights in eval mode on device. kind is the checkpoint's 'teacher' field (students store it too);
-    schedule is 'loglinear', or the DuoObjective whose alpha(t) a Duo model was trained with."""
+    schedule is 'loglinear', or the DuoObjective whose alpha(t) a Duo model was trained with. A SEDD student
+    comes wrapped in StudentScores."""
     net, ckpt = common.load_model(ckpt_path, which='ema')
     kind = ckpt.get('teacher')
     if kind == 'ar':
@@ -416,6 +437,8 @@ def load_sampler(ckpt_path, device):
     meta = ckpt['data_meta']
     N, seq_len = meta['vocab_size'], meta['seq_len']
     schedule = duo_schedule(ckpt.get('config', {}), N) if kind == 'duo' else 'loglinear'
+    if kind == 'sedd' and ckpt.get('kind') == 'student':
+        net = StudentScores(net)
     return net.to(device).eval(), kind, N, seq_len, meta, schedule
 
 

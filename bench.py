@@ -1,0 +1,272 @@
+"""
+What sampling costs beyond the network, measured in one run so that every result is a ratio of two things timed
+side by side on the same (possibly busy) machine.
+
+    python bench.py                              # N = 50257 (GPT-2) and 64 (synthetic); L = 256, B = 8, K = 1024
+    python bench.py --vocab_sizes 64 --steps 64  # a quick run
+    python bench.py --out bench.md               # the same report, also as a markdown file (for the README)
+
+Sampling runs in float64 (reference/processes-and-losses.md, "Precision"; Zheng et al. 2024, IDLM App. F): float32
+Gumbel noise truncates the tail and lowers the effective temperature, which flatters GenPPL. Built naively, a step
+makes the posterior (B, L, V) in float64, 0.8 GB at V = 50258, B = 8, L = 256, and several such tensors on the way;
+sample.py's fused step decides per position which tokens change and draws only those, so it never does.
+
+1. One step without the network: a fixed network output (random logits through the real heads: SUBS, SEDD's
+   log-scores, Duo's log-softmax over V = N), a mid-run z (t = 1/2, each position masked with prob 1 - alpha_t)
+   and the K-step grid's step t -> t - 1/K. Median time.perf_counter() of `repeats` fused and `ref_repeats`
+   reference steps, after a warm-up call. Target: the fused MDLM step >= 10x faster than the reference at V = 50258.
+2. The K-step loop against the network alone: K forward passes on a fixed (B, L) batch, then sample.generate with
+   time_conditioned=True, so that the loop calls the network at every step (MDLM's cache would skip calls and
+   flatter the ratio). Target: loop / network <= 1.10. A stopwatch around the network splits the same loop into
+   network and sampler time. The cached loop (allowed for MDLM's sigma-blind network) is reported beside it.
+3. Peak memory of one step beyond what exists before it (so not the network output both paths read). Torch's CPU
+   allocations are invisible to tracemalloc, and the resident set size hides reuse of freed pages; the torch
+   profiler with profile_memory=True records every allocation and free with a time stamp, and their running sum
+   peaks at the step's peak. On CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats.
+On CUDA every timer is bracketed by torch.cuda.synchronize(). Only ratios carry over between machines.
+"""
+
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import common
+import sample
+from common import UserError
+from model import PRESETS, build_model, sedd_log_score, subs_log_probs
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults (override with --key value or --key=value; a positional argument is a config file of `key = value` lines)
+vocab_sizes = '50257,64'  # N real tokens, comma-separated: GPT-2's vocabulary and the synthetic language's
+seq_len = 256             # L
+batch_size = 8            # B
+steps = 1024              # K: the grid of the one-step benchmark and the length of the timed loop
+samplers = 'mdlm,sedd,duo'  # the one-step benchmark; the loop benchmark is MDLM's
+model = 'cpu'             # DiT size preset of the loop benchmark (model.PRESETS)
+repeats = 20              # timed fused steps (median)
+ref_repeats = 3           # timed reference steps: a handful, each one takes seconds at V = 50258
+loop = True               # False: the one-step benchmark only
+cached = True             # also time MDLM's cached loop
+threads = 1               # torch CPU threads, 0 = torch's default. On a shared 2-core machine thread hand-offs
+                          # cost more than they give (measured: the 'cpu' DiT at V = 65 ran 4x slower with 2)
+device = 'auto'
+seed = 0
+out = ''                  # also write the report to this markdown file
+# ----------------------------------------------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stopwatches
+
+def sync(device):
+    """Wait for queued GPU work, so that a timer measures the work and not its launch."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device):
+    """(wall time of fn(), its result); on CUDA the timer waits for the queued work on both sides."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
+
+
+def median_seconds(fn, n, device):
+    """Median wall time of n calls of fn(), after one untimed warm-up call (allocator, lazy initialisation)."""
+    fn()
+    return statistics.median(seconds(fn, device)[0] for _ in range(n))
+
+
+def peak_bytes(fn, device):
+    """Peak memory that fn() allocates beyond what exists before it (module docstring, 3.)."""
+    if device.type == 'cuda':
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The raw allocator events (nbytes > 0: allocation, < 0: free); the per-operator tables net them out.
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]']
+    running = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+class Stopwatch(torch.nn.Module):
+    """The network with a stopwatch: `seconds` spent inside its forward passes. A torch module, so sample.py
+    still runs it under autocast on GPU."""
+
+    def __init__(self, net, device):
+        super().__init__()
+        self.net, self.device, self.seconds = net, device, 0.0
+
+    def forward(self, z, sigma):
+        elapsed, out = seconds(lambda: self.net(z, sigma), self.device)
+        self.seconds += elapsed
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. One step without the network
+
+def step_case(kind, N, B, L, plan, k, generator):
+    """A mid-run state of one sampler at step k of the plan (t_k -> t_{k+1}), and step(fused) -> z_s that takes
+    the step from it. Returns (V, step)."""
+    device = generator.device
+    alpha_t, alpha_s = plan.alpha[k], plan.alpha[k + 1]
+    V = N if kind == 'duo' else N + 1
+    logits = torch.randn(B, L, V, generator=generator, device=device)                    # (B, L, V) float32
+    z = torch.randint(0, N, (B, L), generator=generator, device=device)
+    if kind == 'duo':
+        out = logits.log_softmax(-1)
+        return V, lambda fused: sample.duo_step(out, z, alpha_s, alpha_t, generator, fused)
+    masked = torch.rand(B, L, dtype=torch.float64, generator=generator, device=device) >= alpha_t  # z_t ~ q(. | x0)
+    z = torch.where(masked, N, z)
+    if kind == 'mdlm':
+        out = subs_log_probs(logits, z, N)
+        return V, lambda fused: sample.mdlm_step(out, z, alpha_s, alpha_t, generator, fused)
+    out = sedd_log_score(logits, z, plan.sigma[k].expand(B))
+    coef = sample.sedd_coefficient('analytic', plan, k)
+    return V, lambda fused: sample.sedd_step(out, z, coef, False, generator, fused)
+
+
+def bench_step(cfg, kind, N, device):
+    """Fused and reference step of one sampler: median ms, the ratio, and peak MiB of each."""
+    plan = sample.time_plan(cfg['steps'], device=device)
+    generator = common.step_generator(cfg['seed'], N, device=device)
+    V, step = step_case(kind, N, cfg['batch_size'], cfg['seq_len'], plan, cfg['steps'] // 2, generator)
+    fused_s = median_seconds(lambda: step(True), cfg['repeats'], device)
+    reference_s = median_seconds(lambda: step(False), cfg['ref_repeats'], device)
+    return dict(V=V, sampler=kind, fused_ms=1e3 * fused_s, reference_ms=1e3 * reference_s,
+                speedup=reference_s / fused_s, fused_mib=peak_bytes(lambda: step(True), device) / 2 ** 20,
+                reference_mib=peak_bytes(lambda: step(False), device) / 2 ** 20)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The K-step loop against K network calls
+
+@torch.no_grad()
+def bench_loop(cfg, N, device):
+    """K forward passes of the network, the K-step MDLM loop (every step calls it), and the cached loop."""
+    B, L, K = cfg['batch_size'], cfg['seq_len'], cfg['steps']
+    torch.manual_seed(cfg['seed'])  # the weights; their values do not change the cost
+    net = build_model(cfg['model'], vocab_size=N + 1, seq_len=L, head='subs', mask_id=N).to(device).eval()
+    generator = common.step_generator(cfg['seed'], N, device=device)
+    z = torch.randint(0, N, (B, L), generator=generator, device=device)
+    z = torch.where(torch.rand(B, L, generator=generator, device=device) < 0.5, N, z)      # a mid-run batch
+    sigma = torch.full((B,), 0.7, device=device)
+
+    def network_alone():
+        for _ in range(K):
+            sample.call_network(net, z, sigma)
+
+    def loop(network, time_conditioned):
+        return sample.generate(network, 'mdlm', B, L, K, N, generator, batch_size=B, fused=True,
+                               time_conditioned=time_conditioned, progress=False)
+
+    sample.call_network(net, z, sigma)                                                  # warm-up
+    network_s, _ = seconds(network_alone, device)
+    stopwatch = Stopwatch(net, device)
+    loop_s, (x, nfe) = seconds(lambda: loop(stopwatch, True), device)
+    result = dict(V=N + 1, network_s=network_s, loop_s=loop_s, ratio=loop_s / network_s, nfe=nfe,
+                  masks_left=int((x == N).sum()), in_loop_network_s=stopwatch.seconds,
+                  sampler_ms=1e3 * (loop_s - stopwatch.seconds) / K)
+    if cfg['cached']:
+        result['cached_s'], (_, result['cached_nfe']) = seconds(lambda: loop(net, False), device)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report: markdown tables, readable as they are on a terminal and pasted as they are into the README
+
+def row(cells):
+    return '| ' + ' | '.join(str(cell) for cell in cells) + ' |'
+
+
+def report_steps(cfg, vocabs, kinds, device, emit):
+    K = cfg['steps']
+    emit(f"## One step without the network (t = 0.5 -> {0.5 - 1 / K:.4f}, about half the positions masked)", '',
+         f"Median of {cfg['repeats']} fused and {cfg['ref_repeats']} reference steps; MiB: the step's peak "
+         f"allocation beyond its inputs.", '')
+    names = ['V', 'sampler', 'fused ms', 'reference ms', 'reference / fused', 'fused MiB', 'reference MiB']
+    emit(row(names), row(['---:'] * len(names)))
+    for N in vocabs:
+        for kind in kinds:
+            r = bench_step(cfg, kind, N, device)
+            emit(row([r['V'], kind, f"{r['fused_ms']:.3f}", f"{r['reference_ms']:.1f}", f"{r['speedup']:.1f}x",
+                      f"{r['fused_mib']:.2f}", f"{r['reference_mib']:.1f}"]))
+            if kind == 'mdlm' and N == max(vocabs):
+                target = f"{r['speedup']:.0f}x at V = {r['V']}, {'met' if r['speedup'] >= 10 else 'MISSED'}"
+    if 'mdlm' in kinds:
+        emit('', f"Target: the fused MDLM step >= 10x faster than the reference: {target}.")
+
+
+def report_loop(cfg, vocabs, device, emit):
+    K = cfg['steps']
+    emit('', f"## The K = {K} step MDLM loop against {K} network calls ('{cfg['model']}' DiT)", '',
+         "loop: sample.generate with time_conditioned=True (a network call at every step); in-loop network: "
+         "the time the same run spent inside the network; sampler: the rest, per step.", '')
+    names = ['V', 'network s', 'loop s', 'loop / network', 'in-loop network s', 'sampler ms / step', 'NFE']
+    names += ['cached loop s (NFE)', 'cached / network'] if cfg['cached'] else []
+    emit(row(names), row(['---:'] * len(names)))
+    verdicts = []
+    for N in vocabs:
+        r = bench_loop(cfg, N, device)
+        cells = [r['V'], f"{r['network_s']:.2f}", f"{r['loop_s']:.2f}", f"{r['ratio']:.3f}x",
+                 f"{r['in_loop_network_s']:.2f}", f"{r['sampler_ms']:.3f}", f"{r['nfe']:.0f}"]
+        if cfg['cached']:
+            cells += [f"{r['cached_s']:.2f} ({r['cached_nfe']:.0f})", f"{r['cached_s'] / r['network_s']:.3f}x"]
+        emit(row(cells))
+        verdicts.append(f"{r['ratio']:.3f}x at V = {r['V']}, {'met' if r['ratio'] <= 1.10 else 'MISSED'}")
+    emit('', f"Target: loop / network <= 1.10: {'; '.join(verdicts)}.")
+
+
+def main(argv=None):
+    cfg = common.configure(DEFAULTS, argv)
+    try:
+        vocabs = [int(n) for n in cfg['vocab_sizes'].split(',')]
+    except ValueError:
+        raise UserError(f"--vocab_sizes takes comma-separated integers, not {cfg['vocab_sizes']!r}") from None
+    kinds = [kind.strip() for kind in cfg['samplers'].split(',')]
+    if min(vocabs) < 2:
+        raise UserError("--vocab_sizes: every vocabulary needs at least 2 real tokens")
+    if any(kind not in sample.KINDS for kind in kinds):
+        raise UserError(f"--samplers are taken from {', '.join(sample.KINDS)}, not {cfg['samplers']!r}")
+    if min(cfg['seq_len'], cfg['batch_size'], cfg['steps'], cfg['repeats'], cfg['ref_repeats']) < 1:
+        raise UserError("--seq_len, --batch_size, --steps, --repeats and --ref_repeats must be at least 1")
+    if cfg['model'] not in PRESETS:
+        raise UserError(f"--model is one of {', '.join(PRESETS)}, not {cfg['model']!r}")
+    if cfg['device'] == 'auto':
+        cfg['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(cfg['device'])
+    if cfg['threads'] > 0:
+        torch.set_num_threads(cfg['threads'])
+    lines = []
+
+    def emit(*texts):
+        for text in texts:
+            print(text, flush=True)
+            lines.append(text)
+
+    emit(f"# Sampler benchmark: B = {cfg['batch_size']}, L = {cfg['seq_len']}, K = {cfg['steps']}", '',
+         f"torch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads; sampling in float64.", '')
+    report_steps(cfg, vocabs, kinds, device, emit)
+    if cfg['loop']:
+        report_loop(cfg, vocabs, device, emit)
+    if cfg['out']:
+        with open(cfg['out'], 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+        print(f"wrote {cfg['out']}")
+
+
+if __name__ == '__main__':
+    common.run(main)

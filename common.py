@@ -119,6 +119,9 @@ def setup_distributed(device='auto'):
         return 0, 1, torch.device(device)
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if dist.is_initialized():  # a second call in one process (e.g. distillation that first trained its teacher)
+        on_gpu = dist.get_backend() == 'nccl'
+        return rank, world, torch.device('cuda', local_rank) if on_gpu else torch.device(device)
     if device.startswith('cuda'):
         torch.cuda.set_device(local_rank)
         dist.init_process_group('nccl')

@@ -60,11 +60,12 @@ def test_two_processes_match_one_process(tiny_data, tmp_path):
     r2 = run_script(['train.py'] + tiny_args(tiny_data, two), nproc=2)
     assert r2.returncode == 0, r2.stderr
     a, b = weights(one), weights(two)
-    for k in a['model']:
-        assert torch.allclose(a['model'][k], b['model'][k], atol=1e-6, rtol=1e-5), k
-    # float32 sums in another order, amplified by MDLM's 1/t weight: agreement to 1e-4 relative, where evaluating
-    # a different shard of the validation set would differ by about 1e-2
-    assert abs(a['history'][-1]['val_nelbo'] / b['history'][-1]['val_nelbo'] - 1) < 1e-4
+    for part in ('model', 'ema'):
+        for k in a[part]:
+            assert torch.allclose(a[part][k], b[part][k], atol=1e-6, rtol=1e-5), (part, k)
+    # float32 sums in another order, amplified by MDLM's 1/t weight (up to 1000 at t = 1e-3 on these 4-sequence
+    # batches): agreement to 2e-3 relative, where evaluating a different validation shard differs by about 1e-2
+    assert abs(a['history'][-1]['val_nelbo'] / b['history'][-1]['val_nelbo'] - 1) < 2e-3
     # the parameters really moved, so the comparison is not between two copies of the initialisation
     assert any(not torch.equal(a['model'][k], a['ema'][k]) for k in a['model'])
 

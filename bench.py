@@ -179,7 +179,7 @@ def bench_loop(cfg, N, device):
     loop_s, (x, nfe) = seconds(lambda: loop(stopwatch, True), device)
     result = dict(V=N + 1, network_s=network_s, loop_s=loop_s, ratio=loop_s / network_s, nfe=nfe,
                   masks_left=int((x == N).sum()), in_loop_network_s=stopwatch.seconds,
-                  sampler_ms=1e3 * (loop_s - stopwatch.seconds) / K)
+                  same_run_ratio=loop_s / stopwatch.seconds, sampler_ms=1e3 * (loop_s - stopwatch.seconds) / K)
     if cfg['cached']:
         result['cached_s'], (_, result['cached_nfe']) = seconds(lambda: loop(net, False), device)
     return result
@@ -213,21 +213,25 @@ def report_steps(cfg, vocabs, kinds, device, emit):
 def report_loop(cfg, vocabs, device, emit):
     K = cfg['steps']
     emit('', f"## The K = {K} step MDLM loop against {K} network calls ('{cfg['model']}' DiT)", '',
-         "loop: sample.generate with time_conditioned=True (a network call at every step); in-loop network: "
-         "the time the same run spent inside the network; sampler: the rest, per step.", '')
-    names = ['V', 'network s', 'loop s', 'loop / network', 'in-loop network s', 'sampler ms / step', 'NFE']
+         "network: K calls on a fixed batch; loop: sample.generate with time_conditioned=True (a call at every "
+         "step); in-loop network: the part of the same run spent inside the network, so 'loop / in-loop' is "
+         "not moved by the machine's load changing between runs; sampler: the rest of the loop, per step.", '')
+    names = ['V', 'network s', 'loop s', 'loop / network', 'in-loop network s', 'loop / in-loop', 'sampler ms / step',
+             'NFE']
     names += ['cached loop s (NFE)', 'cached / network'] if cfg['cached'] else []
     emit(row(names), row(['---:'] * len(names)))
     verdicts = []
     for N in vocabs:
         r = bench_loop(cfg, N, device)
         cells = [r['V'], f"{r['network_s']:.2f}", f"{r['loop_s']:.2f}", f"{r['ratio']:.3f}x",
-                 f"{r['in_loop_network_s']:.2f}", f"{r['sampler_ms']:.3f}", f"{r['nfe']:.0f}"]
+                 f"{r['in_loop_network_s']:.2f}", f"{r['same_run_ratio']:.3f}x", f"{r['sampler_ms']:.3f}",
+                 f"{r['nfe']:.0f}"]
         if cfg['cached']:
             cells += [f"{r['cached_s']:.2f} ({r['cached_nfe']:.0f})", f"{r['cached_s'] / r['network_s']:.3f}x"]
         emit(row(cells))
-        verdicts.append(f"{r['ratio']:.3f}x at V = {r['V']}, {'met' if r['ratio'] <= 1.10 else 'MISSED'}")
-    emit('', f"Target: loop / network <= 1.10: {'; '.join(verdicts)}.")
+        verdicts += [f"V = {r['V']}: {r['ratio']:.3f}x ({r['same_run_ratio']:.3f}x in the same run), "
+                     f"{'met' if max(r['ratio'], r['same_run_ratio']) <= 1.10 else 'MISSED'}"]
+    emit('', f"Target: loop / network <= 1.10. {'; '.join(verdicts)}.")
 
 
 def main(argv=None):

@@ -1,0 +1,65 @@
+"""bench.py as a smoke test: a tiny run prints one table row per (vocabulary, sampler) and per vocabulary for the
+loop, writes the same report as markdown, and the samplers it times end with every position unmasked, fused and
+reference alike. No timing is checked: timings belong to the machine, not to the code."""
+import pytest
+import torch
+
+import bench
+import sample
+from common import UserError
+from model import build_model
+
+TINY = ['--vocab_sizes', '7,12', '--seq_len', '8', '--batch_size', '2', '--steps', '4', '--model', 'tiny',
+        '--repeats', '2', '--ref_repeats', '1']
+
+
+def table_rows(report):
+    """The data rows of the report's markdown tables, as lists of cells."""
+    return [[cell.strip() for cell in line.strip('|').split('|')] for line in report.splitlines()
+            if line.startswith('| ') and line[2].isdigit()]
+
+
+def test_report_has_a_row_per_case_and_is_written_as_markdown(tmp_path, capsys):
+    path = tmp_path / 'bench.md'
+    bench.main(TINY + ['--out', str(path)])
+    report, printed = path.read_text(), capsys.readouterr().out
+    assert printed.startswith(report)                          # stdout = the markdown, then "wrote ..."
+    rows = table_rows(report)
+    steps, loops = rows[:6], rows[6:]
+    # one-step table: absorbing samplers add the mask (V = N + 1), Duo's uniform process does not (V = N)
+    assert [(r[0], r[1]) for r in steps] == [('8', 'mdlm'), ('8', 'sedd'), ('7', 'duo'),
+                                             ('13', 'mdlm'), ('13', 'sedd'), ('12', 'duo')]
+    assert [r[0] for r in loops] == ['8', '13'] and all(len(r) == 10 for r in loops)
+    assert all(r[7] == '4' for r in loops)                     # NFE = K: time_conditioned=True skips no call
+    assert 'Target: the fused MDLM step' in report and 'Target: loop / network' in report
+
+
+def test_measurements_are_positive_and_the_loop_unmasks_everything():
+    cfg = bench.common.configure(bench.DEFAULTS, TINY)
+    step = bench.bench_step(cfg, 'mdlm', 7, torch.device('cpu'))
+    assert step['fused_ms'] > 0 and step['reference_ms'] > 0
+    assert step['reference_mib'] > 0                         # the reference builds (B, L, V) float64 tensors
+    loop = bench.bench_loop(cfg, 7, torch.device('cpu'))
+    assert loop['masks_left'] == 0 and loop['nfe'] == 4 and 0 < loop['in_loop_network_s'] <= loop['loop_s']
+
+
+def test_fused_and_reference_end_with_the_same_number_of_unmasked_tokens():
+    N, B, L, K = 9, 3, 8, 5
+    torch.manual_seed(0)
+    net = build_model('tiny', vocab_size=N + 1, seq_len=L, head='subs', mask_id=N).eval()
+    counts = []
+    for fused in (True, False):
+        x, _ = sample.generate(net, 'mdlm', B, L, K, N, torch.Generator().manual_seed(1), batch_size=B,
+                               fused=fused, time_conditioned=True, progress=False)
+        counts.append(int((x != N).sum()))
+    assert counts == [B * L, B * L]
+    # the same for the last step of the benchmark's own mid-run state (alpha_s = 1: every mask goes)
+    plan = sample.time_plan(K)
+    _, step = bench.step_case('mdlm', N, B, L, plan, K - 1, torch.Generator().manual_seed(2))
+    assert [int((step(fused) != N).sum()) for fused in (True, False)] == [B * L, B * L]
+
+
+def test_bad_options_are_one_sentence_errors():
+    for argv in (['--samplers', 'mdlm,gpt'], ['--vocab_sizes', '64,x'], ['--vocab_sizes', '1'], ['--repeats', '0']):
+        with pytest.raises(UserError):
+            bench.main(argv)

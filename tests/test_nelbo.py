@@ -10,20 +10,14 @@ import torch
 
 from data import SyntheticLanguage
 from losses import MDLMObjective
-from model import NEG_INF
 from processes import sample_time
+from sample import exact_denoiser
 
 
 def exact_subs(language):
-    """The exact denoiser as a SUBS head: log p(x0_i | x_t) with the mask column at NEG_INF and carry-over."""
-    N = language.N
-
-    def net(x_t):
-        post = language.denoise(x_t, 'absorbing', 0.5)  # absorbing posteriors do not depend on alpha
-        logp = torch.cat([post.clamp_min(1e-300).log(), torch.full_like(post[..., :1], NEG_INF)], -1)
-        copied = torch.full_like(logp, NEG_INF).scatter(-1, x_t[..., None], 0.0)
-        return torch.where((x_t != N)[..., None], copied, logp)
-    return net
+    """The exact denoiser as a SUBS head (sample.ExactDenoiser; absorbing posteriors ignore sigma)."""
+    net = exact_denoiser(language, 'mdlm')
+    return lambda x_t: net(x_t, torch.zeros(x_t.shape[0], dtype=torch.float64))
 
 
 def paired_gap(language, by_count, n=8000, seed=0):

@@ -2,7 +2,7 @@
 Train a teacher: an MDLM, Duo or SEDD diffusion language model, or the autoregressive (AR) baseline and judge.
 No pretrained checkpoint is reachable offline, so the distillation methods start from teachers trained here.
 
-    python train.py --teacher mdlm                          # CPU default: the synthetic language, about 8 minutes
+    python train.py --teacher mdlm                          # CPU default: the synthetic language (README: results)
     python train.py --teacher ar --data pydoc               # an AR judge on Python's own documentation
     torchrun --nproc_per_node=2 train.py --teacher mdlm     # the same global batch, split over 2 processes
     python train.py --teacher mdlm --resume true            # continue out_dir/ckpt.pt exactly where it stopped

@@ -19,13 +19,21 @@ sample.py's fused step decides per position which tokens change and draws only t
    time_conditioned=True, so that the loop calls the network at every step (MDLM's cache would skip calls and
    flatter the ratio). Target: loop / network <= 1.10. A stopwatch around the network splits the same loop into
    network and sampler time. The cached loop (allowed for MDLM's sigma-blind network) is reported beside it.
+   Every position is drawn exactly once whatever K is, so the sampler's total work is a fixed part (the draws)
+   plus a per-step part (the Bernoulli decisions); the loop's excess over the network, (fixed + K per-step) /
+   (K network), therefore shrinks as K grows, and a loop of `--loop_steps` K' < K bounds the ratio at K from above.
 3. Peak memory of one step beyond what exists before it (so not the network output both paths read). Torch's CPU
    allocations are invisible to tracemalloc, and the resident set size hides reuse of freed pages; the torch
    profiler with profile_memory=True records every allocation and free with a time stamp, and their running sum
    peaks at the step's peak. On CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats.
+4. One distillation iteration against one teacher-training step at the same batch (train.py's `batch_size`):
+   the teacher step is train.py's (the mask-count NELBO for MDLM, backward, clip, AdamW); the IDLM iteration is
+   distill_idlm.iteration (fake update, student update, EMA). They are timed in alternation, so a change in the
+   machine's load hits both. Target (IDLM issue): IDLM / teacher <= 3.5.
 On CUDA every timer is bracketed by torch.cuda.synchronize(). Only ratios carry over between machines.
 """
 
+import copy
 import statistics
 import time
 
@@ -33,8 +41,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import common
+import distill_idlm
 import sample
+import train
 from common import UserError
+from data import ensure_data, load_data
 from model import PRESETS, build_model, sedd_log_score, subs_log_probs
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,7 +53,9 @@ from model import PRESETS, build_model, sedd_log_score, subs_log_probs
 vocab_sizes = '50257,64'  # N real tokens, comma-separated: GPT-2's vocabulary and the synthetic language's
 seq_len = 256             # L
 batch_size = 8            # B
-steps = 1024              # K: the grid of the one-step benchmark and the length of the timed loop
+steps = 1024              # K: the grid of the one-step benchmark
+loop_steps = 0            # K of the timed loop; 0: --steps. (At V = 50257 a CPU network call takes seconds, so
+                          # 1024 calls take most of an hour; a shorter loop bounds the ratio, see section 2)
 samplers = 'mdlm,sedd,duo'  # the one-step benchmark; the loop benchmark is MDLM's
 model = 'cpu'             # DiT size preset of the loop benchmark (model.PRESETS)
 repeats = 20              # timed fused steps (median)
@@ -51,6 +64,11 @@ loop = True               # False: the one-step benchmark only
 cached = True             # also time MDLM's cached loop
 threads = 1               # torch CPU threads, 0 = torch's default. On a shared 2-core machine thread hand-offs
                           # cost more than they give (measured: the 'cpu' DiT at V = 65 ran 4x slower with 2)
+iterations = True         # also time a teacher-training step against a distillation iteration (section 4)
+iteration_data = 'synthetic'  # the data (and so N, L) of section 4: a folder in data.py's format, or a name
+iteration_model = 'cpu'   # DiT preset of section 4 (the CPU teachers')
+iteration_batch = 64      # sequences per update in section 4 (train.py's and distill_idlm.py's default batch)
+iteration_repeats = 10    # alternating timed repeats of each, after one warm-up
 device = 'auto'
 seed = 0
 out = ''                  # also write the report to this markdown file
@@ -157,7 +175,7 @@ def bench_step(cfg, kind, N, device):
 @torch.no_grad()
 def bench_loop(cfg, N, device):
     """K forward passes of the network, the K-step MDLM loop (every step calls it), and the cached loop."""
-    B, L, K = cfg['batch_size'], cfg['seq_len'], cfg['steps']
+    B, L, K = cfg['batch_size'], cfg['seq_len'], cfg['loop_steps'] or cfg['steps']
     torch.manual_seed(cfg['seed'])  # the weights; their values do not change the cost
     net = build_model(cfg['model'], vocab_size=N + 1, seq_len=L, head='subs', mask_id=N).to(device).eval()
     generator = common.step_generator(cfg['seed'], N, device=device)
@@ -186,6 +204,58 @@ def bench_loop(cfg, N, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 4. A distillation iteration against a teacher-training step
+
+def iteration_cases(cfg, kind, device):
+    """(teacher_step, idlm_iteration): two closures that each run one real update from fresh models of the CPU
+    teachers' shape, at train.py's batch. The weights are random: their values do not change the cost."""
+    dataset = load_data(ensure_data(cfg['iteration_data']))
+    N = dataset.vocab_size
+    run_cfg = {**train.DEFAULTS, **distill_idlm.DEFAULTS, 'teacher': kind, 'data': cfg['iteration_data'],
+               'model': cfg['iteration_model'], 'batch_size': cfg['iteration_batch'], 'grad_accum': 1}
+    objective = train.teacher_objective(run_cfg, N)
+    torch.manual_seed(cfg['seed'])
+    teacher = train.teacher_model(run_cfg, N, dataset.seq_len, objective).to(device)
+    trainee = copy.deepcopy(teacher)
+    trainee_optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4, betas=(0.9, run_cfg['beta2']))
+    teacher.eval().requires_grad_(False)
+    student, fake = (copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2))
+    state = {'student': student, 'fake': fake, 'ema': common.EMA(student, run_cfg['ema']),
+             'optimizer': torch.optim.AdamW(student.parameters(), run_cfg['lr']),
+             'fake_optimizer': torch.optim.AdamW(fake.parameters(), run_cfg['fake_lr'])}
+    counter = iter(range(10 ** 9))
+
+    def teacher_step():  # train.py's loop body, one micro-batch
+        gen = common.step_generator(cfg['seed'], next(counter), device=device)
+        idx = torch.randint(len(dataset.train), (run_cfg['batch_size'],), generator=gen, device=device).cpu()
+        with common.autocast(device):
+            loss = train.batch_loss(trainee, objective, dataset.batch('train', idx).to(device), gen, N,
+                                    by_count=kind == 'mdlm')
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainee.parameters(), run_cfg['grad_clip'])
+        trainee_optimizer.step()
+        trainee_optimizer.zero_grad(set_to_none=True)
+
+    def idlm_iteration():
+        distill_idlm.iteration(state, teacher, objective, dataset, run_cfg, next(counter), 0, 1, device)
+
+    return dataset, teacher_step, idlm_iteration
+
+
+def bench_iterations(cfg, kind, device):
+    """Median seconds of a teacher step and an IDLM iteration, timed in alternation."""
+    dataset, teacher_step, idlm_iteration = iteration_cases(cfg, kind, device)
+    teacher_step(), idlm_iteration()                                                       # warm-up
+    times = {'teacher': [], 'idlm': []}
+    for _ in range(cfg['iteration_repeats']):
+        times['teacher'].append(seconds(teacher_step, device)[0])
+        times['idlm'].append(seconds(idlm_iteration, device)[0])
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return dict(teacher=kind, N=dataset.vocab_size, L=dataset.seq_len, teacher_ms=1e3 * medians['teacher'],
+                idlm_ms=1e3 * medians['idlm'], ratio=medians['idlm'] / medians['teacher'])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report: markdown tables, readable as they are on a terminal and pasted as they are into the README
 
 def row(cells):
@@ -211,7 +281,7 @@ def report_steps(cfg, vocabs, kinds, device, emit):
 
 
 def report_loop(cfg, vocabs, device, emit):
-    K = cfg['steps']
+    K = cfg['loop_steps'] or cfg['steps']
     emit('', f"## The K = {K} step MDLM loop against {K} network calls ('{cfg['model']}' DiT)", '',
          "network: K calls on a fixed batch; loop: sample.generate with time_conditioned=True (a call at every "
          "step); in-loop network: the part of the same run spent inside the network, so 'loop / in-loop' is "
@@ -234,6 +304,21 @@ def report_loop(cfg, vocabs, device, emit):
     emit('', f"Target: loop / network <= 1.10. {'; '.join(verdicts)}.")
 
 
+def report_iterations(cfg, device, emit):
+    emit('', f"## One IDLM iteration against one teacher-training step (batch {cfg['iteration_batch']}, "
+         f"'{cfg['iteration_model']}' DiT, data {cfg['iteration_data']})", '',
+         f"Median of {cfg['iteration_repeats']} of each, timed in alternation; an IDLM iteration is one fake update "
+         f"and one student update (fake_steps = 1).", '')
+    names = ['teacher', 'N', 'L', 'teacher step ms', 'IDLM iteration ms', 'IDLM / teacher']
+    emit(row(names), row(['---:'] * len(names)))
+    verdicts = []
+    for kind in distill_idlm.KINDS:
+        r = bench_iterations(cfg, kind, device)
+        emit(row([kind, r['N'], r['L'], f"{r['teacher_ms']:.1f}", f"{r['idlm_ms']:.1f}", f"{r['ratio']:.2f}x"]))
+        verdicts.append(f"{kind} {r['ratio']:.2f}x {'met' if r['ratio'] <= 3.5 else 'MISSED'}")
+    emit('', f"Target: IDLM / teacher <= 3.5: {'; '.join(verdicts)}.")
+
+
 def main(argv=None):
     cfg = common.configure(DEFAULTS, argv)
     try:
@@ -247,8 +332,11 @@ def main(argv=None):
         raise UserError(f"--samplers are taken from {', '.join(sample.KINDS)}, not {cfg['samplers']!r}")
     if min(cfg['seq_len'], cfg['batch_size'], cfg['steps'], cfg['repeats'], cfg['ref_repeats']) < 1:
         raise UserError("--seq_len, --batch_size, --steps, --repeats and --ref_repeats must be at least 1")
-    if cfg['model'] not in PRESETS:
-        raise UserError(f"--model is one of {', '.join(PRESETS)}, not {cfg['model']!r}")
+    if cfg['loop_steps'] < 0:
+        raise UserError("--loop_steps must be 0 (the same as --steps) or a positive number of steps")
+    for key in ('model', 'iteration_model'):
+        if cfg[key] not in PRESETS:
+            raise UserError(f"--{key} is one of {', '.join(PRESETS)}, not {cfg[key]!r}")
     if cfg['device'] == 'auto':
         cfg['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(cfg['device'])
@@ -266,6 +354,8 @@ def main(argv=None):
     report_steps(cfg, vocabs, kinds, device, emit)
     if cfg['loop']:
         report_loop(cfg, vocabs, device, emit)
+    if cfg['iterations']:
+        report_iterations(cfg, device, emit)
     if cfg['out']:
         with open(cfg['out'], 'w') as f:
             f.write('\n'.join(lines) + '\n')

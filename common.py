@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import official
 from data import DataError
 from model import DiT, DiTConfig
 
@@ -240,12 +241,21 @@ def load_checkpoint(path):
 
 
 def load_model(path, which='ema'):
-    """Rebuild a DiT from one of our checkpoints. which='ema' takes the averaged weights when the file has them.
-    Returns (model, checkpoint)."""
+    """Rebuild a DiT from one of our checkpoints, or from an official SEDD / MDLM / Duo checkpoint in any layout
+    official.py reads (Hugging Face folder, SEDD run folder, Lightning .ckpt). which='ema' takes the averaged
+    weights when the file has them. Returns (model, checkpoint); an official one gets a checkpoint-like dict with
+    the same 'teacher', 'config', 'model_config' and 'data_meta' entries, so every script takes either."""
+    layout = official.detect_layout(path)
+    if layout is None and os.path.isdir(path):
+        raise UserError(str(official.unknown_layout(path)))
+    if layout not in (None, 'ours'):
+        try:
+            return official.load_official(path, which)
+        except official.CheckpointError as e:
+            raise UserError(str(e)) from None
     ckpt = load_checkpoint(path)
-    if 'model_config' not in ckpt or 'model' not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by this project (no model_config); "
-                        f"official teachers are loaded with --teacher_ckpt")
+    if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'model' not in ckpt:
+        raise UserError(str(official.unknown_layout(path)))
     model = DiT(DiTConfig(**ckpt['model_config']))
     weights = ckpt['ema'] if which == 'ema' and ckpt.get('ema') else ckpt['model']
     model.load_state_dict(weights)

@@ -1,7 +1,7 @@
 """
 Where tokens come from.
 
-Three sources, one on-disk format:
+Four sources, one on-disk format:
 
 1. A synthetic language whose exact probability is known (see shared/reference/benchmark.md): a mixture of K
    sparse Markov chains. Because log p(x) is exact, every generated sample can be scored against the truth
@@ -11,6 +11,8 @@ Three sources, one on-disk format:
    trained x0-predictor (the MDLM loss, IDLM eq. 4, is minimised by x0_hat = p(x0 | x_t), position by position).
 2. Real text that needs no download: the documentation bundled with Python (pydoc_data), byte-level tokens.
 3. Your own text files, tokenised with tiktoken's GPT-2 encoding.
+4. An OpenWebText-style corpus (many documents in .txt files or .jsonl lines), streamed the same way, in the
+   1024-token blocks the official teachers were trained on, with the last documents held out as validation.
 
 The format (nanoGPT style): <dir>/train.bin and <dir>/val.bin hold np.uint16 token ids, each block of seq_len
 tokens is one training sequence; <dir>/meta.json says how to read them. vocab_size counts the REAL tokens only;
@@ -20,6 +22,7 @@ meta.json is complete; every file is written to a temporary name first and moved
     python data.py --dataset synthetic            # -> data/synthetic (the benchmark language)
     python data.py --dataset pydoc --seq_len 256  # -> data/pydoc
     python data.py --dataset text --files a.txt,b.txt --out data/mytext
+    python data.py --dataset owt --files /data/openwebtext --out data/owt --val_docs 100000   # a folder or files
 """
 
 import functools
@@ -28,10 +31,12 @@ import json
 import os
 import sys
 import tempfile
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 GPT2_EOS = 50256
@@ -319,9 +324,163 @@ def prepare_text(out_dir, files, seq_len=1024, val_fraction=0.05):
     return out_dir
 
 
+# -----------------------------------------------------------------------------
+# OpenWebText-style corpora: millions of documents, streamed through the tokenizer
+
+DOCUMENT_SUFFIXES = ('.txt', '.jsonl')
+
+
+def document_files(paths):
+    """Files and folders ('a,b' or a list) -> the files to read, in order: a folder contributes its .txt and .jsonl
+    files at any depth, sorted by path (so 'the last documents' means the same thing on every machine)."""
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(',') if p]
+    if not paths:
+        raise DataError("no corpus given: pass text or jsonl files, or folders of them, with --files")
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names
+                     if n.endswith(DOCUMENT_SUFFIXES)]
+            files += sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise DataError(f"'{path}' does not exist: check the paths given to --files")
+    if not files:
+        raise DataError(f"no .txt or .jsonl files under {', '.join(paths)}: point --files to the corpus")
+    return files
+
+
+def read_documents(files, text_field='text'):
+    """One document's text at a time: a .jsonl file holds one JSON object per line with the text under
+    text_field (the Hugging Face export of OpenWebText); any other file is one document."""
+    for name in files:
+        if not name.endswith('.jsonl'):
+            with open(name, encoding='utf-8', errors='replace') as f:
+                yield f.read()
+            continue
+        with open(name, encoding='utf-8', errors='replace') as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)[text_field]
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(f"{name} line {number} is not a JSON object with a '{text_field}' field: fix "
+                                    f"the line, or name the field with --text_field") from None
+
+
+def count_documents(files):
+    """How many documents read_documents will yield (a .jsonl file: its non-blank lines), without tokenising."""
+    total = 0
+    for name in files:
+        if name.endswith('.jsonl'):
+            with open(name, 'rb') as f:
+                total += sum(1 for line in f if line.strip())
+        else:
+            total += 1
+    return total
+
+
+def tokenized_documents(docs, enc, threads=8, batch=256):
+    """GPT-2 ids of each document, in order. tiktoken releases the GIL while it encodes, so a thread pool
+    encodes a batch of documents in parallel; only one batch is in memory at a time."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        while True:
+            chunk = list(itertools.islice(docs, batch))
+            if not chunk:
+                return
+            yield from pool.map(enc.encode_ordinary, chunk)
+
+
+class BlockWriter:
+    """Cut a token stream into blocks of seq_len uint16 ids and append them to an open file. frame: each block
+    is EOS + the next seq_len - 2 tokens + EOS, as the MDLM / Duo OpenWebText loader builds them (wrap=True,
+    GPT-2's BOS being its EOS), so distillation sees the teachers' training distribution. A tail shorter than a
+    block is dropped."""
+
+    def __init__(self, f, seq_len, frame=True, eos_id=GPT2_EOS):
+        if seq_len < (3 if frame else 1):
+            raise DataError(f"seq_len={seq_len} leaves no room for text between the frame's two EOS tokens")
+        self.f, self.frame, self.eos_id = f, frame, eos_id
+        self.content = seq_len - 2 if frame else seq_len          # text tokens per block
+        self.pending = np.zeros(0, dtype=np.uint16)
+        self.blocks = 0
+
+    def add(self, tokens):
+        stream = np.concatenate([self.pending, np.asarray(tokens, dtype=np.uint16)])
+        n = len(stream) // self.content
+        body = stream[:n * self.content].reshape(n, self.content)                   # (n, content)
+        if self.frame:
+            eos = np.full((n, 1), self.eos_id, dtype=np.uint16)
+            body = np.concatenate([eos, body, eos], axis=1)                        # (n, seq_len)
+        self.f.write(body.tobytes())
+        self.pending, self.blocks = stream[n * self.content:], self.blocks + n
+
+
+def move_tail_to_val(out_dir, n_val, seq_len, chunk_blocks=4096):
+    """The last n_val blocks of train.bin become val.bin; train.bin is cut short in place (meta.json is not
+    written yet, so the directory is still marked incomplete if this is interrupted)."""
+    train_path = os.path.join(out_dir, 'train.bin')
+    tokens = np.memmap(train_path, dtype=np.uint16, mode='r')
+    n_blocks = len(tokens) // seq_len
+    lo = n_blocks - n_val
+    write_bin(os.path.join(out_dir, 'val.bin'),
+              (tokens[b * seq_len:min(b + chunk_blocks, n_blocks) * seq_len] for b in range(lo, n_blocks, chunk_blocks)))
+    del tokens
+    os.truncate(train_path, lo * seq_len * 2)
+
+
+def prepare_owt(out_dir, files, seq_len=1024, val_docs=0, val_fraction=0.05, frame=True, threads=8,
+                text_field='text'):
+    """An OpenWebText-style corpus in this project's format, streamed: GPT-2 BPE through tiktoken, EOS after
+    every document, blocks of seq_len (framed by EOS, see BlockWriter). val_docs > 0: the last val_docs
+    documents are the validation split (the papers hold out OpenWebText's last 100k), their blocks cut apart from
+    the training stream; val_docs = 0: the last val_fraction of the blocks. Memory stays O(one batch of
+    documents) whatever the corpus size; a progress bar counts documents."""
+    files = document_files(files)
+    enc = gpt2_encoding()
+    check_vocab_fits(enc.n_vocab)
+    n_docs = count_documents(files) if val_docs > 0 else None
+    if n_docs is not None and n_docs <= val_docs:
+        raise DataError(f"the corpus has {n_docs} documents, not more than --val_docs {val_docs}: hold out fewer "
+                        f"documents or add more text")
+    first_val = n_docs - val_docs if n_docs is not None else None
+    start_dir(out_dir)
+    docs = read_documents(files, text_field)
+    bar = tqdm(tokenized_documents(docs, enc, threads), total=n_docs, unit='doc', desc='tokenize',
+               dynamic_ncols=True, mininterval=2)
+    with ExitStack() as stack:
+        train_f = stack.enter_context(atomic_open(os.path.join(out_dir, 'train.bin')))
+        val_f = stack.enter_context(atomic_open(os.path.join(out_dir, 'val.bin'))) if first_val is not None else None
+        train, val = BlockWriter(train_f, seq_len, frame), BlockWriter(val_f, seq_len, frame) if val_f else None
+        count, tokens = 0, 0
+        for count, ids in enumerate(bar, 1):
+            (val if first_val is not None and count > first_val else train).add(ids + [GPT2_EOS])
+            tokens += len(ids) + 1
+            if count % 4096 == 0:
+                bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", refresh=False)
+        bar.close()
+        n_train, n_val = train.blocks, val.blocks if val else 0
+        if val is None:
+            n_val = max(1, round(n_train * val_fraction))
+            n_train -= n_val
+        if n_train < 1 or n_val < 1:
+            raise DataError(f"the corpus gives {n_train} train and {n_val} val blocks of seq_len={seq_len}: use more "
+                            f"text, fewer --val_docs or a smaller --seq_len")
+    if val is None:
+        move_tail_to_val(out_dir, n_val, seq_len)
+    write_meta(out_dir, dict(vocab_size=enc.n_vocab, seq_len=seq_len, tokenizer='gpt2', dataset='owt',
+                             eos_id=GPT2_EOS, framed=frame, n_docs=count, val_docs=val_docs, n_files=len(files),
+                             tokens=tokens, n_train=n_train, n_val=n_val))
+    return out_dir
+
+
 def prepare(dataset, out_dir=None, **kw):
-    """Dispatch used by scripts: dataset in {'synthetic', 'pydoc', 'text'}; out_dir defaults to data/<dataset>."""
-    makers = dict(synthetic=prepare_synthetic, pydoc=prepare_pydoc, text=prepare_text)
+    """Dispatch used by scripts: dataset in {'synthetic', 'pydoc', 'text', 'owt'}; out_dir defaults to
+    data/<dataset>."""
+    makers = dict(synthetic=prepare_synthetic, pydoc=prepare_pydoc, text=prepare_text, owt=prepare_owt)
     if dataset not in makers:
         raise DataError(f"unknown dataset '{dataset}': choose one of {', '.join(makers)}")
     return makers[dataset](out_dir or os.path.join(DATA_ROOT, dataset), **kw)
@@ -421,7 +580,8 @@ def main(argv=None):
     from common import configure, UserError
     defaults = dict(dataset='synthetic', out='', files='', seq_len=0, val_fraction=0.05,
                     num_train=200_000, num_val=2_000, seed=0, language_seed=0,
-                    N=64, L=64, K=4, successors=4, floor=0.01, concentration=1.0)
+                    N=64, L=64, K=4, successors=4, floor=0.01, concentration=1.0,
+                    val_docs=0, frame=True, threads=8, text_field='text')   # the last four: --dataset owt
     try:
         cfg = configure(defaults, argv)
         if cfg['dataset'] == 'synthetic':
@@ -431,8 +591,10 @@ def main(argv=None):
             kw = dict(val_fraction=cfg['val_fraction'])
             if cfg['seq_len']:
                 kw['seq_len'] = cfg['seq_len']
-            if cfg['dataset'] == 'text':
+            if cfg['dataset'] in ('text', 'owt'):
                 kw['files'] = cfg['files']
+            if cfg['dataset'] == 'owt':
+                kw.update({k: cfg[k] for k in ('val_docs', 'frame', 'threads', 'text_field')})
         out = prepare(cfg['dataset'], cfg['out'] or None, **kw)
         d = load_data(out)  # read back what was written: the same checks every script will make
         print(f"wrote {out}: {len(d.train)} train and {len(d.val)} val sequences of {d.seq_len} tokens, "

@@ -59,7 +59,8 @@ from sample import StudentScores, generate
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value; a positional argument is a config file of `key = value` lines)
 teacher = 'mdlm'          # mdlm | duo | sedd
-teacher_ckpt = ''         # default: out/<teacher>-<data folder name>/ckpt.pt, trained first if absent on 'synthetic'
+teacher_ckpt = ''         # default: out/<teacher>-<data folder name>/ckpt.pt, trained first if absent on 'synthetic';
+                          # or an official teacher (HF folder, SEDD run folder, Lightning .ckpt: official.py)
 data = 'synthetic'        # the real data x0~ the student's inputs are made from (App. C.2)
 out_dir = ''              # default: out/idlm-<teacher>-<data folder name>
 batch_size = 64           # sequences per micro-batch per process
@@ -189,6 +190,30 @@ def check_finite(values, what, it, ckpt_path):
     if not torch.isfinite(values).all():
         raise UserError(f"the {what} loss became {values.tolist()} at iteration {it}; lower --lr and --fake_lr "
                         f"(the last good checkpoint is {ckpt_path})")
+
+
+def iteration(state, teacher, objective, dataset, cfg, it, rank, world, device, ckpt_path=''):
+    """One iteration of Algorithm 1: `fake_steps` fake updates (eq. 10), one student update (eq. 11), the EMA.
+    state holds student, fake (DDP-wrapped under torchrun), their optimizers and the EMA. Returns the LOGGED values."""
+    student, fake, local = state['student'], state['fake'], cfg['grad_accum'] // world
+    lr_student = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'])
+    lr_fake = common.learning_rate(it, cfg['fake_lr'], cfg['warmup_iters'])
+    # 1. eq. 10: the fake follows the student's current distribution (student forward without gradient)
+    for j in range(cfg['fake_steps']):
+        fake_fn = lambda x, g: (fake_loss(common.unwrap(student), fake, objective, x, g),)
+        fake_stats = accumulate(fake, micro_batches(dataset, cfg, it, 1 + j, rank, world, device), fake_fn,
+                                local, device)
+        fake_stats = common.all_reduce_mean(fake_stats, world)
+        check_finite(fake_stats, 'fake', it, ckpt_path)
+        fake_norm = update(fake, state['fake_optimizer'], lr_fake, cfg['grad_clip'])
+    # 2. eq. 11: the student lowers teacher-minus-fake loss; the fake (unwrapped: no DDP) is frozen inside
+    student_fn = lambda x, g: student_loss(student, teacher, common.unwrap(fake), objective, x, g)
+    stats = accumulate(student, micro_batches(dataset, cfg, it, 0, rank, world, device), student_fn, local, device)
+    stats = common.all_reduce_mean(stats, world)
+    check_finite(stats, 'IDLM', it, ckpt_path)
+    student_norm = update(student, state['optimizer'], lr_student, cfg['grad_clip'])
+    state['ema'].update(student)
+    return [*stats.tolist(), fake_stats[0].item(), student_norm, fake_norm]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,34 +370,17 @@ def distill(cfg):
         print(f"IDLM-{cfg['teacher']}: teacher {teacher_path}, {teacher.num_params() / 1e6:.2f}M parameters x 3, "
               f"data {dataset.path} (N={N}, L={dataset.seq_len}), global batch {cfg['batch_size'] * cfg['grad_accum']},"
               f" {world} process(es), {device}")
-    local = cfg['grad_accum'] // world
     window, t0 = [], time.time()   # per-iteration numbers since the last log line, averaged into one row
     bar = tqdm(range(start, cfg['max_iters']), initial=start, total=cfg['max_iters'], disable=not master,
                desc=f"IDLM {cfg['teacher']}", dynamic_ncols=True, mininterval=5)
     for it in bar:
-        lr_student = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'])
-        lr_fake = common.learning_rate(it, cfg['fake_lr'], cfg['warmup_iters'])
-        # 1. eq. 10: the fake follows the student's current distribution (student forward without gradient)
-        for j in range(cfg['fake_steps']):
-            fake_fn = lambda x, g: (fake_loss(common.unwrap(student), fake, objective, x, g),)
-            fake_stats = accumulate(fake, micro_batches(dataset, cfg, it, 1 + j, rank, world, device), fake_fn,
-                                    local, device)
-            fake_stats = common.all_reduce_mean(fake_stats, world)
-            check_finite(fake_stats, 'fake', it, ckpt_path)
-            fake_norm = update(fake, state['fake_optimizer'], lr_fake, cfg['grad_clip'])
-        # 2. eq. 11: the student lowers teacher-minus-fake loss; the fake (unwrapped: no DDP) is frozen inside
-        student_fn = lambda x, g: student_loss(student, teacher, common.unwrap(fake), objective, x, g)
-        stats = accumulate(student, micro_batches(dataset, cfg, it, 0, rank, world, device), student_fn, local, device)
-        stats = common.all_reduce_mean(stats, world)
-        check_finite(stats, 'IDLM', it, ckpt_path)
-        student_norm = update(student, state['optimizer'], lr_student, cfg['grad_clip'])
-        state['ema'].update(student)
-        window.append([*stats.tolist(), fake_stats[0].item(), student_norm, fake_norm])
+        window.append(iteration(state, teacher, objective, dataset, cfg, it, rank, world, device, ckpt_path))
 
         done = it + 1
         if done == cfg['max_iters'] or every(done, cfg['log_every']):
             means = torch.tensor(window, dtype=torch.float64).mean(0).tolist()
-            row = {'iter': done, **dict(zip(LOGGED, means)), 'lr': lr_student, 'minutes': (time.time() - t0) / 60}
+            lr = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'])
+            row = {'iter': done, **dict(zip(LOGGED, means)), 'lr': lr, 'minutes': (time.time() - t0) / 60}
             history['train'].append(row)
             window = []
             bar.set_postfix(gap=f"{row['gap']:.4f}", teacher=f"{row['teacher_loss']:.3f}",

@@ -4,11 +4,13 @@ Judging what a model generates in K steps, the way both papers do, plus the trut
     python eval.py --ckpt out/mdlm-synthetic --steps 4,8,16,64,256,1024     # teacher rows + exact-denoiser floor
     python eval.py --ckpt out/mdlm-synthetic,out/idlm-mdlm --steps 4,8,16   # several checkpoints side by side
     python eval.py --ckpt out/mdlm-pydoc --data pydoc --judge out/ar-pydoc  # real text: an AR judge instead
+    python eval.py --ckpt path/to/mdlm-owt --data data/owt --judge gpt2:path/to/gpt2-large --steps 16,64,1024
 
 Metrics for a batch of generated sequences x (num_samples, L):
   true GenPPL   exp(mean over sequences of -log p_true(x) / L), on the synthetic language only: exact, no judge.
                 The language's own samples score exp(H), H its entropy rate (reference/benchmark.md).
-  judge GenPPL  exp(token-weighted mean NLL) under an autoregressive judge (train.py --teacher ar here; the
+  judge GenPPL  exp(token-weighted mean NLL) under an autoregressive judge (train.py --teacher ar here, or GPT-2
+                from a local Hugging Face folder with --judge gpt2:FOLDER, scored as the papers do: gpt2.py; the
                 papers use GPT-2 Large): the proxy for real text.
   entropy       per sequence, the entropy (nats) of the empirical distribution of its own tokens; the mean over
                 sequences (both papers' definition). Low GenPPL with low entropy is repetition, not quality.
@@ -28,8 +30,10 @@ import torch
 import common
 from common import UserError
 from data import ensure_data, load_data
+from gpt2 import GPT2Judge, load_gpt2
 from model import ar_log_likelihood
-from sample import exact_denoiser, generate, load_sampler
+from official import CheckpointError
+from sample import StudentScores, exact_denoiser, generate, load_sampler
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value)
@@ -40,7 +44,7 @@ steps = '4,8,16,64,256,1024'
 num_samples = 256
 batch_size = 64
 seed = 0
-judge = ''                # an AR checkpoint (train.py --teacher ar) for judge GenPPL; '' = none
+judge = ''                # an AR checkpoint (train.py --teacher ar), or gpt2:FOLDER (GPT-2, e.g. gpt2-large); '' = none
 floor = True              # on synthetic data, add the exact denoiser's rows (the best any K-step sampler can do)
 nelbo_batches = 16        # validation batches for the NELBO perplexity (0: skip)
 fused = True
@@ -70,7 +74,10 @@ def sample_entropy(x):
 
 @torch.no_grad()
 def judge_genppl(judge, x, bos_id, batch_size=64):
-    """exp(token-weighted mean NLL) of x under an autoregressive judge (every position counts)."""
+    """exp(token-weighted mean NLL) of x under an autoregressive judge (every position counts). A GPT2Judge
+    re-tokenises and scores by the papers' protocol instead (gpt2.py), in its own batch size."""
+    if isinstance(judge, GPT2Judge):
+        return judge.genppl(x)
     device = next(judge.parameters()).device
     nll = sum(-ar_log_likelihood(judge, x[i:i + batch_size].to(device), bos_id).double().sum().item()
               for i in range(0, len(x), batch_size))
@@ -78,9 +85,12 @@ def judge_genppl(judge, x, bos_id, batch_size=64):
 
 
 def nelbo_perplexity(ckpt_path, dataset, batches, device):
-    """exp(validation NELBO per token) of a checkpoint, with train.py's fixed validation batches and noise."""
+    """exp(validation NELBO per token) of a checkpoint, with train.py's fixed validation batches and noise.
+    A SEDD student is scored through the scores its x0 implies (sample.StudentScores), as it is sampled."""
     import train  # here, not at the top: only this metric needs the training code
     model, ckpt = common.load_model(ckpt_path)
+    if ckpt.get('teacher') == 'sedd' and ckpt.get('kind') == 'student':
+        model = StudentScores(model)
     cfg = {**train.DEFAULTS, **ckpt['config'], 'eval_batches': batches}
     objective = train.teacher_objective(cfg, dataset.vocab_size)
     return math.exp(train.evaluate(model.to(device), objective, dataset, cfg, 0, 1, device))
@@ -113,17 +123,29 @@ def evaluate_samples(x, language, judge, bos_id):
     return row
 
 
+def load_judge(spec, dataset, data_name, device):
+    """--judge: 'gpt2:FOLDER' for GPT-2 (GPT-2-token data only), else an AR checkpoint over the data's tokens."""
+    N = dataset.vocab_size
+    if spec.startswith('gpt2:'):
+        if dataset.meta['tokenizer'] != 'gpt2':
+            raise UserError(f"--judge {spec} scores GPT-2 text, but --data {data_name} is "
+                            f"{dataset.meta['tokenizer']!r} tokens; use an AR judge trained on it")
+        try:
+            return GPT2Judge(load_gpt2(spec[len('gpt2:'):]).to(device))
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+    judge, _ = common.load_model(spec)
+    if judge.config.head != 'ar' or judge.config.vocab_size != N + 1:
+        raise UserError(f"--judge {spec} is not an AR model over this data's {N} tokens; "
+                        f"train one with python train.py --teacher ar --data {data_name}, or pass gpt2:FOLDER")
+    return judge.to(device).eval()
+
+
 def sweep(cfg):
     _, _, device = common.setup_distributed(cfg['device'])
     dataset = load_data(ensure_data(cfg['data']))
     language, N, L = dataset.language(), dataset.vocab_size, dataset.seq_len
-    judge = None
-    if cfg['judge']:
-        judge, judge_ckpt = common.load_model(cfg['judge'])
-        if judge.config.head != 'ar' or judge.config.vocab_size != N + 1:
-            raise UserError(f"--judge {cfg['judge']} is not an AR model over this data's {N} tokens; "
-                            f"train one with python train.py --teacher ar --data {cfg['data']}")
-        judge = judge.to(device).eval()
+    judge = load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
     try:
         step_list = [int(s) for s in cfg['steps'].split(',') if s]
     except ValueError:

@@ -257,3 +257,76 @@ def build_model(preset='cpu', **overrides):
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return DiT(DiTConfig(**{**PRESETS[preset], **overrides}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DiDi-Instruct discriminator: the same backbone with a new head, one logit per position
+
+class DiscriminatorHead(nn.Module):
+    """DiDi §5 / App. E.1: two spectral-normalised linear layers with a SiLU between them, h (B, L, d) -> (B, L, 1).
+    The residual stream is layer-normalised (no learned scale) first, so that the Lipschitz bound of the two
+    linear layers bounds the logits in a known way whatever the backbone's depth.
+
+    torch's spectral norm runs one power-iteration step on every forward in train mode. Here the head stays in eval
+    mode and power_iteration() is called once per discriminator update instead: the estimate then does not depend
+    on how many forward passes an update takes, so 1 and N processes (and a resumed run) stay bit-identical."""
+
+    def __init__(self, d):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.fc1, self.act, self.fc2 = sn(nn.Linear(d, d)), nn.SiLU(), sn(nn.Linear(d, 1))
+        self.train(False)
+        for _ in range(50):  # torch starts from 15 steps; the top two singular values of a random d x d are close
+            self.power_iteration()
+
+    def forward(self, h, c=None):
+        x = F.layer_norm(h.float(), [h.shape[-1]])
+        return self.fc2(self.act(self.fc1(x)))
+
+    def train(self, mode=True):
+        return super().train(False)  # see the class docstring: no power iteration as a side effect of forward
+
+    @torch.no_grad()
+    def power_iteration(self):
+        """One power-iteration step for each layer's top singular vectors (u, v buffers, updated in place)."""
+        for layer in (self.fc1, self.fc2):
+            norm = layer.parametrizations.weight[0]
+            norm.training = True
+            layer.weight  # noqa: B018 -- computing the weight in training mode runs the step
+            norm.training = False
+
+
+class Discriminator(DiT):
+    """D_lambda of DiDi-Instruct (§4.2, Lemma 4.2): the DiT trunk (embedding, conditioning, blocks) with the output
+    layer replaced by DiscriminatorHead. Returns one logit per position (B, L) for ids or probability vectors
+    (B, L, V) in: the soft input is what RGAS differentiates (sample.py).
+    Label convention: sigmoid(logit) = P(the sequence is the teacher's), so at the optimum of the balanced BCE
+    (eq. 8) logit = log q_teacher(z_t) - log q_student(z_t) = -R(z_t, t) of eq. 5."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.output_layer = DiscriminatorHead(cfg.n_embd)
+
+    def head(self, logits, x, sigma):
+        return logits[..., 0]  # (B, L)
+
+    @classmethod
+    def from_backbone(cls, net):
+        """A discriminator whose trunk is a copy of net's (DiDi §5: "based on the same backbone"); new head."""
+        disc = cls(net.config)
+        trunk = {k: v for k, v in net.state_dict().items() if not k.startswith('output_layer.')}
+        missing, unexpected = disc.load_state_dict(trunk, strict=False)
+        assert not unexpected and all(k.startswith('output_layer.') for k in missing), (missing, unexpected)
+        return disc.to(next(net.parameters()).device)
+
+    def power_iteration(self):
+        self.output_layer.power_iteration()
+
+
+def discriminator_reward(logits, z, mask_id):
+    """DiDi eq. 6: the mean over the masked positions of z (B, L) of the per-position log-ratio logits (B, L).
+    With Discriminator's label convention this is log q_teacher - log q_student: higher is more teacher-like.
+    A sequence with no mask left (the last RGAS step) is scored over all its positions. -> (B,)"""
+    scored = (z == mask_id)
+    scored = scored | ~scored.any(-1, keepdim=True)
+    return torch.where(scored, logits, torch.zeros_like(logits)).sum(-1) / scored.sum(-1)

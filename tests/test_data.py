@@ -412,3 +412,110 @@ def test_text_without_bpe_files_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         data.prepare_text(str(tmp_path / 'out'), str(tmp_path / 'missing.txt'))
     assert_one_sentence(err, 'missing.txt', '--files')
+
+
+# -----------------------------------------------------------------------------
+# OpenWebText-style corpora: documents streamed into framed 1024-style blocks, the last documents held out
+
+def owt_corpus(root):
+    """Six documents in a known reading order: two .txt files in sorted subfolders, then a .jsonl of four lines."""
+    texts = ['alpha ' * 9, 'beta gamma ' * 7, 'first line doc. ' * 3, 'second ' * 8, 'third', 'fourth doc ' * 6]
+    (root / 'a').mkdir(parents=True)
+    (root / 'b').mkdir()
+    (root / 'a' / '0.txt').write_text(texts[0])
+    (root / 'b' / '1.txt').write_text(texts[1])
+    (root / 'b' / 'ignored.csv').write_text('not a document')
+    with open(root / 'c.jsonl', 'w') as f:
+        for t in texts[2:]:
+            f.write(json.dumps({'text': t, 'url': 'x'}) + '\n\n')               # blank lines are skipped
+    return texts
+
+
+def framed(stream, seq_len):
+    """The expected blocks: EOS + seq_len - 2 stream tokens + EOS each, the ragged tail dropped."""
+    content = seq_len - 2
+    n = len(stream) // content
+    return [[50256] + stream[i * content:(i + 1) * content] + [50256] for i in range(n)]
+
+
+def doc_stream(texts):
+    out = []
+    for t in texts:
+        out += list(t.encode('utf-8')) + [50256]
+    return out
+
+
+def test_owt_holds_out_the_last_documents_in_framed_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, 'gpt2_encoding', StandInEncoding)
+    texts = owt_corpus(tmp_path / 'corpus')
+    out = data.prepare_owt(str(tmp_path / 'owt'), str(tmp_path / 'corpus'), seq_len=12, val_docs=2, threads=3)
+    d = data.load_data(out)
+    assert d.train.tolist() == framed(doc_stream(texts[:4]), 12)               # blocks never cross the split
+    assert d.val.tolist() == framed(doc_stream(texts[4:]), 12)
+    assert (d.meta['n_docs'], d.meta['val_docs'], d.meta['framed'], d.meta['tokenizer']) == (6, 2, True, 'gpt2')
+    assert (d.meta['n_train'], d.meta['n_val']) == (len(d.train), len(d.val))
+
+
+def test_owt_without_held_out_documents_splits_the_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, 'gpt2_encoding', StandInEncoding)
+    texts = owt_corpus(tmp_path / 'corpus')
+    files = ','.join(str(p) for p in (tmp_path / 'corpus' / 'a' / '0.txt', tmp_path / 'corpus' / 'c.jsonl'))
+    d = data.load_data(data.prepare_owt(str(tmp_path / 'owt'), files, seq_len=8, val_fraction=0.25, frame=False))
+    stream = doc_stream([texts[0]] + texts[2:])
+    n_blocks = len(stream) // 8
+    assert len(d.val) == round(0.25 * n_blocks) and len(d.train) + len(d.val) == n_blocks
+    assert np.concatenate([d.train.ravel(), d.val.ravel()]).tolist() == stream[:n_blocks * 8]
+    assert os.path.getsize(os.path.join(d.path, 'train.bin')) == len(d.train) * 8 * 2   # cut short in place
+
+
+def test_owt_tokenizes_lazily():
+    """Documents are pulled a batch at a time: an endless corpus still yields its first documents."""
+    endless = ('doc %d' % i for i in itertools.count())
+    first = list(itertools.islice(data.tokenized_documents(endless, StandInEncoding(), threads=2, batch=4), 6))
+    assert first == [list(('doc %d' % i).encode()) for i in range(6)]
+
+
+def test_owt_errors_are_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, 'gpt2_encoding', StandInEncoding)
+    owt_corpus(tmp_path / 'corpus')
+    with pytest.raises(DataError) as err:
+        data.prepare_owt(str(tmp_path / 'o1'), str(tmp_path / 'corpus'), seq_len=12, val_docs=6)
+    assert_one_sentence(err, '6 documents', '--val_docs')
+    with pytest.raises(DataError) as err:
+        data.prepare_owt(str(tmp_path / 'o2'), str(tmp_path / 'nowhere'))
+    assert_one_sentence(err, 'nowhere', '--files')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(DataError) as err:
+        data.prepare_owt(str(tmp_path / 'o3'), str(tmp_path / 'empty'))
+    assert_one_sentence(err, '.jsonl', '--files')
+    (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(DataError) as err:
+        data.prepare_owt(str(tmp_path / 'o4'), str(tmp_path / 'bad.jsonl'), seq_len=4)
+    assert_one_sentence(err, 'line 2', "'text'", '--text_field')
+    with pytest.raises(DataError) as err:
+        data.prepare_owt(str(tmp_path / 'o5'), str(tmp_path / 'corpus'), seq_len=4096)
+    assert_one_sentence(err, 'seq_len=4096')
+    assert not os.path.exists(tmp_path / 'o5' / 'train.bin')                  # nothing half-written is left
+
+
+def test_owt_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, 'gpt2_encoding', StandInEncoding)
+    texts = owt_corpus(tmp_path / 'corpus')
+    data.main(['--dataset', 'owt', '--files', str(tmp_path / 'corpus'), '--out', str(tmp_path / 'owt'),
+               '--seq_len', '12', '--val_docs', '1', '--threads', '1'])
+    d = data.load_data(str(tmp_path / 'owt'))
+    assert d.val.tolist() == framed(doc_stream(texts[5:]), 12)
+
+
+def test_owt_with_gpt2_bpe(tmp_path):
+    data.gpt2_encoding.cache_clear()
+    try:
+        enc = data.gpt2_encoding()
+    except DataError as e:
+        pytest.skip(f"tiktoken's GPT-2 BPE files cannot be loaded here ({e})")
+    texts = owt_corpus(tmp_path / 'corpus')
+    d = data.load_data(data.prepare_owt(str(tmp_path / 'owt'), str(tmp_path / 'corpus'), seq_len=8, val_docs=1))
+    stream = []
+    for t in texts[:5]:
+        stream += enc.encode_ordinary(t) + [50256]
+    assert d.train.tolist() == framed(stream, 8) and d.vocab_size == 50257

@@ -97,15 +97,16 @@ def test_gumbel_argmax_does_not_depend_on_the_chunk_size():
     assert not torch.equal(sample.gumbel_argmax(logits, gen(8), chunk=37, rows=rows), whole)  # it is random
 
 
-def test_streaming_logsumexp():
+def test_blocked_logsumexp():
     x = torch.randn(6, 29, generator=gen(0)) * 5
     x[2] = -torch.inf                                          # a row with no mass at all
     x[4, :20] = -torch.inf
     rows = torch.tensor([0, 2, 4, 5])
-    for chunk in (1, 4, 29, 64):
-        got = sample.logsumexp_rows(x, rows, chunk)
+    for block in (1, 29, 60, 1000):                             # one row per visit, two, all of them
+        got = sample.logsumexp_rows(x, rows, block)
         assert got.dtype == F64
         assert torch.allclose(got, torch.logsumexp(x.double()[rows], -1), atol=1e-12)
+    assert sample.logsumexp_rows(x, rows[:0]).shape == (0,)
 
 
 # ------------------------------------------------------------------------------------------------- one step

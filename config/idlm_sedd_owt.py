@@ -1,0 +1,21 @@
+# IDLM on the official SEDD-absorb teacher (louaaron/sedd-small), OpenWebText, L = 1024: IDLM App. F.
+#   torchrun --standalone --nproc_per_node=8 distill_idlm.py config/idlm_sedd_owt.py --teacher_ckpt /models/sedd-small
+# The 169M DiT and its dropout 0.1 come with the teacher (student and fake are copies of it, §3.3).
+teacher = 'sedd'
+data = 'data/owt'          # python data.py --dataset owt --files /data/openwebtext --out data/owt --val_docs 100000
+batch_size = 8             # sequences per micro-batch (App. F: 8 per device)
+grad_accum = 64            # micro-batches per phase in total: global batch 8 x 64 = 512 (8 per process on 8 GPUs)
+lr = 3e-7                  # AdamW, constant after warm-up (App. F: 3e-7 for SEDD)
+fake_lr = 3e-7
+warmup_iters = 2500
+fake_steps = 1             # the public code's fake_frequency
+beta2 = 0.999
+weight_decay = 0.0
+grad_clip = 0.0            # no clipping in the loop (public code)
+ema = 0.9999
+max_iters = 10000          # App. F gives no iteration count; 10k is about 1.2 h on 8 H100 by the README's estimate
+eval_interval = 1000
+eval_steps = '4,8,16'
+eval_samples = 64          # GenPPL with GPT-2 Large afterwards: python eval.py config/eval_owt.py --ckpt <out_dir>
+ckpt_interval = 500
+log_every = 50

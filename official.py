@@ -1,0 +1,512 @@
+"""
+Official teachers (SEDD, MDLM, Duo) read into model.py's DiT, whatever folder or file they come in.
+
+    model, ckpt = load_official('path/to/mdlm-owt')      # what common.load_model does for a path it did not write
+
+Layouts (shared/reference/checkpoints-and-eval.md):
+  Hugging Face folder   config.json + model.safetensors or pytorch_model.bin (or a sharded *.index.json).
+                        MDLM (kuleshov-group/mdlm-owt) and Duo (s-sahoo/duo, duo-distilled): keys under `backbone.`,
+                        config fields vocab_size, model_length, hidden_dim, cond_dim, n_blocks, n_heads, dropout,
+                        time_conditioning, told apart by model_type. SEDD on the Hub (louaaron/sedd-small): keys as
+                        they are, config.json is the training config (tokens, graph, noise, model.hidden_size, ...).
+  SEDD run folder       .hydra/config.yaml + checkpoints-meta/checkpoint.pth = {model, ema, optimizer, step}.
+  Lightning .ckpt       (MDLM and Duo code) state_dict under `backbone.`; hyper_parameters.config says which model.
+The EMA weights are used when the file has them (which='ema'): SEDD and Lightning keep them apart as
+ema['shadow_params'], a list in the order of the model's trainable parameters, which is the order of the weight
+names in the state dict without its buffers (rotary_emb.inv_freq). Hugging Face folders hold one set of weights.
+
+Our vocabulary convention (data.py, losses.py): N real tokens; an absorbing model adds its mask as id N (V = N + 1),
+a uniform model has V = N. The official models all have V = 50258:
+  MDLM, SEDD   GPT-2's 50257 tokens + the mask at id 50257: N = 50257, mask_id = 50257, our convention exactly.
+  Duo          GPT-2's 50257 tokens + the [PAD] the Duo code adds to the tokenizer, and its uniform process runs
+               over all 50258 ids. We drop the PAD row of the embedding and the PAD column of the output layer,
+               so N = 50257 like the data, the other teachers and the GPT-2 judge. What changes: the uniform noise
+               never draws PAD (its prior moves by 1/50258 in total variation) and x0_hat is renormalised without
+               PAD, which never occurs in OpenWebText. This keeps data, samplers, decoding and IDLM's soft x0 on one
+               vocabulary; a sampler over all 50258 ids would produce a token no tokenizer can decode.
+Sampling: MDLM ignores sigma; SEDD is fed sigma_bar; Duo is fed -log alpha_t and samples on the log-linear
+alpha grid (the Duo code's sampler), which ckpt['config']['sampling_schedule'] tells sample.load_sampler.
+
+Every problem is one CheckpointError sentence naming what is wrong and what to do; common.load_model turns it
+into a UserError. Loading a pickled file (.ckpt, .pth, .bin) runs code from it: only load files you trust.
+"""
+
+import json
+import os
+import pickle
+import re
+import struct
+import types
+from dataclasses import asdict
+
+import torch
+
+from model import DiT, DiTConfig
+
+GPT2_VOCAB = 50257          # GPT-2's tokens; every official teacher adds one id to it
+DUO_OWT_GAMMAS = (-3.55, -1.85)  # Duo's OpenWebText curriculum (scripts/train_owt_duo.sh), when the file says none
+HEADS = {'mdlm': 'subs', 'duo': 'x0', 'sedd': 'sedd'}
+BUFFERS = ('rotary_emb.inv_freq',)  # official state dicts may carry it; ours recomputes it (checked, then dropped)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read into our DiT; the message is one sentence with the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which layout is this?
+
+def detect_layout(path):
+    """'hf' | 'sedd-run' | 'lightning' for an official layout, 'ours' for a checkpoint this project wrote,
+    None for anything else (including a path that does not exist)."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, 'ckpt.pt')):
+            return 'ours'
+        if os.path.isfile(os.path.join(path, 'config.json')):
+            return 'hf'
+        if os.path.isfile(os.path.join(path, '.hydra', 'config.yaml')):
+            return 'sedd-run'
+        return None
+    if os.path.isfile(path):
+        if path.endswith('.ckpt'):
+            return 'lightning'
+        if os.path.basename(os.path.dirname(os.path.abspath(path))) == 'checkpoints-meta':
+            return 'sedd-run'   # the run's checkpoints-meta/checkpoint.pth itself
+        return 'ours'
+    return None
+
+
+LAYOUTS = ("this project's ckpt.pt (train one with python train.py), a folder with config.json and "
+           "model.safetensors or pytorch_model.bin (Hugging Face), a SEDD run folder with .hydra/config.yaml and "
+           "checkpoints-meta/checkpoint.pth, or a Lightning .ckpt file")
+
+
+def unknown_layout(path):
+    return CheckpointError(f"{path} is none of the checkpoint layouts this project reads: {LAYOUTS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading files: safetensors (no package needed), torch pickles, the YAML subset Hydra writes
+
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+                      'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}. The format is an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}} and the raw little-endian bytes; reading it takes a few
+    lines, so the `safetensors` package is not needed."""
+    try:
+        with open(path, 'rb') as f:
+            (n,) = struct.unpack('<Q', f.read(8))
+            header = json.loads(f.read(n))
+            start = 8 + n
+            tensors = {}
+            for name, info in header.items():
+                if name == '__metadata__':
+                    continue
+                begin, end = info['data_offsets']
+                f.seek(start + begin)
+                raw = bytearray(f.read(end - begin))
+                dtype, shape = SAFETENSORS_DTYPES[info['dtype']], info['shape']
+                if len(raw) != end - begin:
+                    raise ValueError('truncated')
+                flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                tensors[name] = flat.reshape(shape)
+            return tensors
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({type(e).__name__}); download it "
+                              f"again") from None
+
+
+class _Stub:
+    """Stands in, while unpickling, for a class whose package is not installed here (omegaconf, lightning,
+    transformers in a Lightning checkpoint's hyper_parameters): it keeps whatever pickle hands it."""
+
+    def __init__(self, *args, **kwargs):
+        self._args, self._state, self._items = args, None, {}
+
+    def __setstate__(self, state):
+        self._state = state
+
+    def __setitem__(self, key, value):   # dict subclasses are rebuilt item by item
+        self._items[key] = value
+
+    def append(self, value):             # list subclasses too
+        self._items[len(self._items)] = value
+
+    def extend(self, values):
+        for v in values:
+            self.append(v)
+
+
+_STUBS = {}
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            key = (module, name)
+            if key not in _STUBS:
+                _STUBS[key] = type(name, (_Stub,), {'__module__': module})
+            return _STUBS[key]
+
+
+_tolerant_pickle = types.SimpleNamespace(Unpickler=_TolerantUnpickler, __name__='official_tolerant_pickle',
+                                         load=lambda f, **kw: _TolerantUnpickler(f, **kw).load())
+
+
+def torch_load(path, tolerant=False):
+    """torch.load on CPU with one clear sentence for a missing or corrupt file. tolerant: unknown classes become
+    stubs (Lightning checkpoints pickle omegaconf / transformers objects we do not need to import)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist; check the path of the official checkpoint")
+    try:
+        if tolerant:
+            return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_tolerant_pickle)
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}); download it "
+                              f"again") from None
+
+
+def plain(obj):
+    """An unpickled config as plain dicts, lists and values: dicts, omegaconf's DictConfig / ListConfig (real, or
+    stubs when omegaconf is not installed), which keep a container's entries in `_content` and a leaf's value in
+    `_val`. Values are taken as stored, interpolations unresolved."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    state = obj._state if isinstance(obj, _Stub) else getattr(obj, '__dict__', None)
+    if isinstance(state, dict) and '_content' in state:
+        return plain(state['_content'])
+    if isinstance(state, dict) and '_val' in state:
+        return plain(state['_val'])
+    if isinstance(obj, _Stub) and obj._items:
+        return {k: plain(v) for k, v in obj._items.items()}
+    return None
+
+
+def _scalar(text):
+    """A YAML scalar: quoted string, null, bool, int, float, or the text itself."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"':
+        return text[1:-1]
+    lowered = text.lower()
+    if lowered in ('null', '~', ''):
+        return None
+    if lowered in ('true', 'false'):
+        return lowered == 'true'
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_yaml(path):
+    """The block-style YAML that Hydra writes (.hydra/config.yaml), read as nested `key: value` mappings by
+    indentation. List items (`- ...`) are skipped: the fields this loader needs are never lists, and PyYAML is
+    not a dependency of this project."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist; a SEDD run folder needs its .hydra/config.yaml")
+    root = {}
+    stack = [(-1, root)]                                     # (indent, mapping) of the open mappings
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            text = line.split(' #', 1)[0].rstrip()
+            body = text.strip()
+            if not body or body.startswith('#') or body.startswith('- ') or body == '-':
+                continue
+            indent = len(text) - len(text.lstrip())
+            while stack[-1][0] >= indent:
+                stack.pop()
+            match = re.match(r'^([^:]+):(?:\s+(.*))?$', body)
+            if not match:
+                continue
+            key, value = match.group(1).strip(), match.group(2)
+            if value is None or value == '':
+                stack[-1][1][key] = child = {}
+                stack.append((indent, child))
+            else:
+                stack[-1][1][key] = _scalar(value)
+    return root
+
+
+def read_weights(folder):
+    """The weights of a Hugging Face folder: model.safetensors, pytorch_model.bin, or shards listed by
+    model.safetensors.index.json / pytorch_model.bin.index.json. -> {name: tensor}"""
+    for name in ('model.safetensors', 'pytorch_model.bin'):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return read_safetensors(path) if name.endswith('.safetensors') else _state_dict(torch_load(path), path)
+        index = path + '.index.json'
+        if os.path.isfile(index):
+            try:
+                shards = sorted(set(json.load(open(index))['weight_map'].values()))
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{index} is corrupt; download the folder again") from None
+            weights = {}
+            for shard in shards:
+                weights.update(read_weights_file(os.path.join(folder, shard)))
+            return weights
+    raise CheckpointError(f"{folder} has a config.json but no model.safetensors or pytorch_model.bin; download the "
+                          f"weights into the same folder")
+
+
+def read_weights_file(path):
+    if path.endswith('.safetensors'):
+        return read_safetensors(path)
+    return _state_dict(torch_load(path), path)
+
+
+def _state_dict(obj, path):
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a plain state dict of tensors; point to the model's weights file")
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The three layouts -> (kind, architecture fields from the config, weights, EMA list or None, extra config)
+
+def _first(cfg, *names):
+    """The first of several config field names that is present (the three code bases name things differently)."""
+    for n in names:
+        if isinstance(cfg, dict) and cfg.get(n) is not None:
+            return cfg[n]
+    return None
+
+
+def _sedd_arch(cfg, where):
+    """Architecture fields of a SEDD training config; refuses what our 'sedd' head cannot represent."""
+    graph, noise, model = cfg.get('graph') or {}, cfg.get('noise') or {}, cfg.get('model') or {}
+    if graph.get('type', 'absorb') != 'absorb':
+        raise CheckpointError(f"{where} is a SEDD model with the {graph.get('type')!r} graph; our 'sedd' head and "
+                              f"samplers implement the absorbing graph only, so use an absorbing SEDD checkpoint")
+    if str(noise.get('type', 'loglinear')).replace('-', '') != 'loglinear':
+        raise CheckpointError(f"{where} uses the {noise.get('type')!r} noise schedule; our losses and samplers use "
+                              f"the log-linear one, so use a SEDD checkpoint trained with noise.type=loglinear")
+    if model.get('scale_by_sigma') is False:
+        raise CheckpointError(f"{where} has scale_by_sigma False; our 'sedd' head always scales the scores by sigma, "
+                              f"so use a checkpoint trained with model.scale_by_sigma=True")
+    tokens = cfg.get('tokens')
+    return dict(vocab_size=None if tokens is None else int(tokens) + 1, width=model.get('hidden_size'),
+                cond_dim=model.get('cond_dim'), n_layer=model.get('n_blocks'), n_head=model.get('n_heads'),
+                seq_len=model.get('length'), dropout=model.get('dropout'))
+
+
+def read_hf(folder):
+    try:
+        cfg = json.load(open(os.path.join(folder, 'config.json')))
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{folder}/config.json is not valid JSON; download it again") from None
+    if isinstance(cfg.get('model'), dict) and 'graph' in cfg:   # SEDD's Hub mixin saves its training config
+        return 'sedd', _sedd_arch(cfg, folder), read_weights(folder), None, {}
+    model_type = str(cfg.get('model_type', '')).lower()
+    if model_type not in ('mdlm', 'duo'):
+        raise CheckpointError(f"{folder}/config.json has model_type {cfg.get('model_type')!r}; this loader knows "
+                              f"'mdlm' and 'duo' Hugging Face folders and SEDD Hub folders")
+    if cfg.get('causal') or cfg.get('causal_attention'):
+        raise CheckpointError(f"{folder} holds a causal (autoregressive) model; load an MDLM or Duo diffusion model")
+    arch = dict(vocab_size=cfg.get('vocab_size'), width=_first(cfg, 'hidden_dim', 'hidden_size', 'd_model'),
+                cond_dim=cfg.get('cond_dim'), n_layer=_first(cfg, 'n_blocks', 'num_hidden_layers'),
+                n_head=_first(cfg, 'n_heads', 'num_attention_heads'), seq_len=_first(cfg, 'model_length', 'length'),
+                dropout=cfg.get('dropout'), time_conditioning=cfg.get('time_conditioning'))
+    return model_type, arch, read_weights(folder), None, {}
+
+
+def read_sedd_run(path):
+    root = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    cfg = read_yaml(os.path.join(root, '.hydra', 'config.yaml'))
+    state = torch_load(os.path.join(root, 'checkpoints-meta', 'checkpoint.pth'))
+    if not isinstance(state, dict) or 'model' not in state:
+        raise CheckpointError(f"{root}/checkpoints-meta/checkpoint.pth has no 'model' entry; point to a SEDD run "
+                              f"folder written by its run_train.py")
+    ema = (state.get('ema') or {}).get('shadow_params') if isinstance(state.get('ema'), dict) else None
+    return 'sedd', _sedd_arch(cfg, root), state['model'], ema, {}
+
+
+def _lightning_kind(cfg, path):
+    """MDLM code: config.parameterization; Duo code: config.algo.parameterization (and algo.name)."""
+    algo = cfg.get('algo') if isinstance(cfg.get('algo'), dict) else {}
+    param = algo.get('parameterization') or cfg.get('parameterization')
+    kinds = {'subs': 'mdlm', 'mean': 'duo', 'sedd': 'sedd', 'score': 'sedd'}
+    if param not in kinds:
+        raise CheckpointError(f"{path} holds a {param or 'model of unknown parameterization'!r}; this loader reads "
+                              f"MDLM (subs), Duo (mean) and SEDD (score) diffusion models")
+    return kinds[param], algo
+
+
+def read_lightning(path):
+    ckpt = torch_load(path, tolerant=True)
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
+        raise CheckpointError(f"{path} has no state_dict; point to a .ckpt written by the MDLM or Duo code")
+    cfg = plain((ckpt.get('hyper_parameters') or {}).get('config'))
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} has no readable hyper_parameters.config, so which model it holds is unknown; "
+                              f"use a .ckpt saved by the MDLM or Duo training code")
+    kind, algo = _lightning_kind(cfg, path)
+    weights = {k[len('backbone.'):]: v for k, v in ckpt['state_dict'].items() if k.startswith('backbone.')}
+    ema = ckpt.get('ema')
+    ema = ema.get('shadow_params') if isinstance(ema, dict) else None
+    model = cfg.get('model') or {}
+    if model.get('scale_by_sigma') is False and kind == 'sedd':
+        raise CheckpointError(f"{path} has scale_by_sigma False; our 'sedd' head always scales the scores by sigma")
+    timed = algo.get('time_conditioning', cfg.get('time_conditioning'))
+    arch = dict(vocab_size=None, width=model.get('hidden_size'), cond_dim=model.get('cond_dim'),
+                n_layer=model.get('n_blocks'), n_head=model.get('n_heads'), seq_len=model.get('length'),
+                dropout=model.get('dropout'), time_conditioning=timed)
+    curriculum = algo.get('curriculum') if isinstance(algo.get('curriculum'), dict) else {}
+    extra = {}
+    if kind == 'duo' and curriculum.get('gamma_min') is not None:
+        extra = {'duo_gamma_min': float(curriculum['gamma_min']), 'duo_gamma_max': float(curriculum['gamma_max'])}
+    return kind, arch, weights, ema, extra
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights -> DiT
+
+def dit_config(kind, arch, state, where):
+    """DiTConfig from the weight shapes, checked against what the config file says."""
+    for key in ('vocab_embed.embedding', 'sigma_map.mlp.0.weight', 'output_layer.linear.weight'):
+        if key not in state:
+            raise CheckpointError(f"{where} has no weight {key!r} (with or without the backbone. prefix); it is not "
+                                  f"an SEDD/MDLM/Duo DiT checkpoint")
+    V, d = state['vocab_embed.embedding'].shape                       # (V, d)
+    C = state['sigma_map.mlp.0.weight'].shape[0]                      # (C, 256)
+    n_layer = len({int(m.group(1)) for k in state for m in [re.match(r'blocks\.(\d+)\.', k)] if m})
+    found = dict(vocab_size=V, width=d, cond_dim=C, n_layer=n_layer)
+    names = dict(vocab_size='vocabulary size', width='width (hidden size)', cond_dim='conditioning width',
+                 n_layer='number of blocks')
+    for field, value in found.items():
+        said = arch.get(field)
+        if said is not None and int(said) != value:
+            raise CheckpointError(f"{where}: the config says {names[field]} {said} but the weights have {value}; "
+                                  f"the config and the weights come from different models, download them together")
+    if state['output_layer.linear.weight'].shape[0] != V:
+        raise CheckpointError(f"{where}: the embedding has {V} rows but the output layer predicts "
+                              f"{state['output_layer.linear.weight'].shape[0]} tokens; the file is inconsistent")
+    n_head = arch.get('n_head') or max(1, d // 64)  # every released model uses 64-wide heads (768/12, 1024/16)
+    if d % int(n_head) or (d // int(n_head)) % 2:
+        raise CheckpointError(f"{where}: width {d} does not split into {n_head} heads of even size; fix n_heads")
+    timed = {'mdlm': bool(arch.get('time_conditioning') or False), 'duo': True, 'sedd': True}[kind]
+    return DiTConfig(vocab_size=V, seq_len=int(arch.get('seq_len') or 1024), n_embd=d, n_layer=n_layer,
+                     n_head=int(n_head), cond_dim=C, dropout=float(arch.get('dropout') or 0.0), head=HEADS[kind],
+                     mask_id=V - 1 if kind in ('mdlm', 'sedd') else -1, time_conditioning=timed)
+
+
+def strip_prefix(weights):
+    """MDLM and Duo keep the DiT under `backbone.`; SEDD has no prefix. -> {our key: tensor}"""
+    if any(k.startswith('backbone.') for k in weights):
+        weights = {k[len('backbone.'):]: v for k, v in weights.items() if k.startswith('backbone.')}
+    return dict(weights)
+
+
+def check_names(state, model, where):
+    """Every weight of our DiT present, nothing unknown left over (a part our model lacks is an error)."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    extra = [k for k in state if k not in ours and k not in BUFFERS]
+    if missing:
+        raise CheckpointError(f"{where} lacks {len(missing)} weight(s) our DiT needs, e.g. {missing[:3]}; it is "
+                              f"truncated or not an SEDD/MDLM/Duo DiT checkpoint")
+    if extra:
+        raise CheckpointError(f"{where} has {len(extra)} weight(s) our DiT has no place for, e.g. {extra[:3]}; this "
+                              f"architecture differs from the SEDD/MDLM/Duo DiT (model.py)")
+
+
+def check_shapes(state, model, where):
+    for k, v in model.state_dict().items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{where}: weight {k} has shape {tuple(state[k].shape)} where our DiT expects "
+                                  f"{tuple(v.shape)}; check n_heads and the widths in its config")
+
+
+def check_rotary(state, cfg, where):
+    """A stored rotary table must be ours: base 1e4 over head_dim = d / n_head (it tells n_head was right)."""
+    if 'rotary_emb.inv_freq' in state:
+        hd = cfg.n_embd // cfg.n_head
+        ours = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        theirs = state['rotary_emb.inv_freq'].float()
+        if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-4):
+            raise CheckpointError(f"{where} stores rotary frequencies for another head width than {hd} (n_heads "
+                                  f"{cfg.n_head}); fix n_heads in its config")
+
+
+def with_ema(state, shadow, model, where):
+    """Put EMA shadow params in place of the raw weights. shadow is a list in the order of the official model's
+    trainable parameters = the order of the state dict's keys without buffers (further entries, e.g. a learned
+    noise schedule after the backbone, are ignored). Shapes are checked one by one."""
+    params = {name for name, _ in model.named_parameters()}
+    order = [k for k in state if k in params]                            # the official parameter order
+    if len(shadow) < len(order):
+        raise CheckpointError(f"{where} has {len(shadow)} EMA shadow params for {len(order)} parameters; the EMA "
+                              f"does not belong to these weights, load with which='model' or fix the file")
+    state = dict(state)
+    for name, tensor in zip(order, shadow):
+        if tuple(tensor.shape) != tuple(state[name].shape):
+            raise CheckpointError(f"{where}: EMA shadow param for {name} has shape {tuple(tensor.shape)}, not "
+                                  f"{tuple(state[name].shape)}; the EMA list is not in parameter order")
+        state[name] = tensor
+    return state
+
+
+def drop_duo_pad(state, V, pad_id):
+    """Remove Duo's [PAD] id from the embedding and the output layer: V = N = 50257 (module docstring)."""
+    keep = torch.tensor([i for i in range(V) if i != pad_id])
+    state = dict(state)
+    for key in ('vocab_embed.embedding', 'output_layer.linear.weight', 'output_layer.linear.bias'):
+        state[key] = state[key][keep]
+    return state
+
+
+def load_official(path, which='ema', pad_id='auto'):
+    """Read an official SEDD / MDLM / Duo checkpoint into model.py's DiT (see the module docstring).
+
+    which: 'ema' takes the EMA weights when the file has them, 'model' the raw ones. pad_id (Duo only): the id
+    dropped from Duo's vocabulary; 'auto' = 50257 when V = 50258 (GPT-2 + [PAD]), else none.
+    Returns (model in eval mode, a checkpoint-like dict): 'kind' 'official', 'teacher' mdlm | duo | sedd,
+    'config' (what train.py's config would say: teacher, Duo's gammas, the sampling schedule, an evaluation
+    batch), 'model_config', 'data_meta' {'vocab_size': N real tokens, 'seq_len', 'tokenizer', ...}."""
+    layout = detect_layout(path)
+    readers = {'hf': read_hf, 'sedd-run': read_sedd_run, 'lightning': read_lightning}
+    if layout not in readers:
+        raise unknown_layout(path)
+    kind, arch, weights, shadow, extra = readers[layout](path)
+    state = strip_prefix(weights)
+    cfg = dit_config(kind, arch, state, path)
+    pad = None
+    if kind == 'duo':
+        pad = (cfg.vocab_size - 1 if cfg.vocab_size == GPT2_VOCAB + 1 else None) if pad_id == 'auto' else pad_id
+    model = DiT(cfg if pad is None else DiTConfig(**{**asdict(cfg), 'vocab_size': cfg.vocab_size - 1}))
+    check_names(state, model, path)
+    check_rotary(state, cfg, path)
+    used = 'model'
+    if which == 'ema' and shadow is not None:
+        state, used = with_ema(state, shadow, model, path), 'ema'
+    state = {k: v for k, v in state.items() if k not in BUFFERS}
+    if pad is not None:
+        state = drop_duo_pad(state, cfg.vocab_size, pad)
+    check_shapes(state, model, path)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    cfg = model.config
+    N = cfg.vocab_size - 1 if kind in ('mdlm', 'sedd') else cfg.vocab_size
+    gammas = (extra.get('duo_gamma_min', DUO_OWT_GAMMAS[0]), extra.get('duo_gamma_max', DUO_OWT_GAMMAS[1]))
+    config = {'teacher': kind, 'model': 'official', 'batch_size': 8,   # 8: an evaluation batch that fits at V = 50k
+              'duo_gamma_min': gammas[0] if kind == 'duo' else 0.0, 'duo_gamma_max': gammas[1] if kind == 'duo' else 0.0}
+    if kind == 'duo':
+        config['sampling_schedule'] = 'loglinear'
+    gpt2 = N == GPT2_VOCAB
+    data_meta = {'vocab_size': N, 'seq_len': cfg.seq_len, 'dataset': 'official',
+                 # a vocabulary that is not GPT-2's has no tokenizer here: samples are written as ids
+                 'tokenizer': 'gpt2' if gpt2 else 'synthetic', 'eos_id': GPT2_VOCAB - 1 if gpt2 else None}
+    ckpt = {'kind': 'official', 'teacher': kind, 'layout': layout, 'path': os.path.abspath(path), 'weights': used,
+            'config': config, 'model_config': asdict(cfg), 'data_meta': data_meta}
+    return model.eval(), ckpt

@@ -378,15 +378,16 @@ def rgas_plan(steps, tilt_fraction, h_max, candidates):
 
 
 def reward_gradient(disc, z, sigma):
-    """The gradient of the discriminator's log-ratio, summed over the masked positions of z (B, L), with respect to
-    its one-hot input onehot(z) (B, L, V): entry (l, y) says, to first order, how much more teacher-like the
-    sequence gets if position l holds y. Summed, not averaged as in eq. 6, so that the tilt of one position does not
-    shrink as 1 / (number of masks). -> (B, L, V) float32, like the network's logits"""
+    """grad R(z, t) of eq. 10: the gradient of the reward of eq. 6 (the discriminator's log-ratio averaged over the
+    masked positions of z (B, L)) with respect to its one-hot input onehot(z) (B, L, V). Entry (l, y) says, to first
+    order, how much more teacher-like the sequence gets if position l holds y. (The mean matters: with a
+    discriminator distilled from the CPU teacher, the gradient of the SUM over masked positions had median |entry|
+    about 1, so h * clamp(., -1, 1) with h = 30 swamped the student's logits and RGAS raised GenPPL.)
+    -> (B, L, V) float32, like the network's logits"""
     with torch.enable_grad():
         x = torch.nn.functional.one_hot(z, disc.config.vocab_size).float().requires_grad_(True)
         logits = call_network(disc, x, sigma)                                          # (B, L)
-        total = torch.where(z == disc.config.mask_id, logits, torch.zeros_like(logits)).sum()
-        grad, = torch.autograd.grad(total, x)
+        grad, = torch.autograd.grad(discriminator_reward(logits, z, disc.config.mask_id).sum(), x)
     return grad.float()
 
 

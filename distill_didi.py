@@ -347,11 +347,7 @@ def load_teacher(path, dataset, data):
     if ckpt.get('teacher') != 'mdlm':
         raise UserError(f"{path} holds a {ckpt.get('teacher')!r} model, but DiDi-Instruct distills an MDLM teacher "
                         f"(absorbing, SUBS head); pass an mdlm --teacher_ckpt")
-    meta = ckpt['data_meta']
-    if (meta['vocab_size'], meta['seq_len']) != (dataset.vocab_size, dataset.seq_len):
-        raise UserError(f"{path} was trained on data of {meta['vocab_size']} tokens and length {meta['seq_len']}, "
-                        f"but --data {data} has {dataset.vocab_size} tokens and length {dataset.seq_len}; "
-                        f"pass the teacher's --data or another --teacher_ckpt")
+    idlm.check_teacher_data(path, ckpt, dataset, data)
     return teacher.eval().requires_grad_(False), ckpt
 
 

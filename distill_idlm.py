@@ -247,13 +247,18 @@ def load_teacher(path, cfg, dataset):
     if kind != cfg['teacher']:
         raise UserError(f"{path} holds a {kind!r} teacher, not --teacher {cfg['teacher']}; pass --teacher {kind} "
                         f"or another --teacher_ckpt")
+    check_teacher_data(path, ckpt, dataset, cfg['data'])
+    teacher.eval().requires_grad_(False)
+    return teacher, ckpt
+
+
+def check_teacher_data(path, ckpt, dataset, data):
+    """The teacher must have been trained on data of this vocabulary and length (shared with distill_didi.py)."""
     meta = ckpt['data_meta']
     if (meta['vocab_size'], meta['seq_len']) != (dataset.vocab_size, dataset.seq_len):
         raise UserError(f"{path} was trained on data of {meta['vocab_size']} tokens and length {meta['seq_len']}, "
-                        f"but --data {cfg['data']} has {dataset.vocab_size} tokens and length {dataset.seq_len}; "
+                        f"but --data {data} has {dataset.vocab_size} tokens and length {dataset.seq_len}; "
                         f"pass the teacher's --data or another --teacher_ckpt")
-    teacher.eval().requires_grad_(False)
-    return teacher, ckpt
 
 
 def save(path, state, cfg, dataset, done, history):

@@ -29,7 +29,9 @@ sample.py's fused step decides per position which tokens change and draws only t
 4. One distillation iteration against one teacher-training step at the same batch (train.py's `batch_size`):
    the teacher step is train.py's (the mask-count NELBO for MDLM, backward, clip, AdamW); the IDLM iteration is
    distill_idlm.iteration (fake update, student update, EMA). They are timed in alternation, so a change in the
-   machine's load hits both. Target (IDLM issue): IDLM / teacher <= 3.5.
+   machine's load hits both. Target (IDLM issue): IDLM / teacher <= 3.5. For an MDLM teacher a DiDi-Instruct
+   iteration (distill_didi.iteration: rollout, discriminator update, student update) joins the rotation at the
+   same batch, for the DiDi / IDLM ratio.
 On CUDA every timer is bracketed by torch.cuda.synchronize(). Only ratios carry over between machines.
 """
 
@@ -41,6 +43,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import common
+import distill_didi
 import distill_idlm
 import sample
 import train
@@ -207,8 +210,9 @@ def bench_loop(cfg, N, device):
 # 4. A distillation iteration against a teacher-training step
 
 def iteration_cases(cfg, kind, device):
-    """(teacher_step, idlm_iteration): two closures that each run one real update from fresh models of the CPU
-    teachers' shape, at train.py's batch. The weights are random: their values do not change the cost."""
+    """{name: closure}: each closure runs one real update from fresh models of the CPU teachers' shape, at the same
+    batch: 'teacher' (train.py's step), 'idlm' (distill_idlm.iteration) and, for MDLM, 'didi'
+    (distill_didi.iteration). The weights are random: their values do not change the cost."""
     dataset = load_data(ensure_data(cfg['iteration_data']))
     N = dataset.vocab_size
     run_cfg = {**train.DEFAULTS, **distill_idlm.DEFAULTS, 'teacher': kind, 'data': cfg['iteration_data'],
@@ -219,10 +223,11 @@ def iteration_cases(cfg, kind, device):
     trainee = copy.deepcopy(teacher)
     trainee_optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4, betas=(0.9, run_cfg['beta2']))
     teacher.eval().requires_grad_(False)
-    student, fake = (copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2))
-    state = {'student': student, 'fake': fake, 'ema': common.EMA(student, run_cfg['ema']),
-             'optimizer': torch.optim.AdamW(student.parameters(), run_cfg['lr']),
-             'fake_optimizer': torch.optim.AdamW(fake.parameters(), run_cfg['fake_lr'])}
+    copy_of_teacher = lambda: copy.deepcopy(teacher).train().requires_grad_(True)
+    student, fake = copy_of_teacher(), copy_of_teacher()
+    idlm_state = {'student': student, 'fake': fake, 'ema': common.EMA(student, run_cfg['ema']),
+                  'optimizer': torch.optim.AdamW(student.parameters(), run_cfg['lr']),
+                  'fake_optimizer': torch.optim.AdamW(fake.parameters(), run_cfg['fake_lr'])}
     counter = iter(range(10 ** 9))
 
     def teacher_step():  # train.py's loop body, one micro-batch
@@ -237,22 +242,33 @@ def iteration_cases(cfg, kind, device):
         trainee_optimizer.zero_grad(set_to_none=True)
 
     def idlm_iteration():
-        distill_idlm.iteration(state, teacher, objective, dataset, run_cfg, next(counter), 0, 1, device)
+        distill_idlm.iteration(idlm_state, teacher, objective, dataset, run_cfg, next(counter), 0, 1, device)
 
-    return dataset, teacher_step, idlm_iteration
+    cases = {'teacher': teacher_step, 'idlm': idlm_iteration}
+    if kind == 'mdlm':  # DiDi-Instruct distills MDLM teachers only
+        didi_cfg = {**distill_didi.DEFAULTS, 'batch_size': cfg['iteration_batch'], 'grad_accum': 1}
+        didi_student = copy_of_teacher()
+        disc = distill_didi.make_discriminator(teacher, didi_cfg['disc_trainable_blocks'])
+        didi_state = {'student': didi_student, 'disc': disc, 'ema': common.EMA(didi_student, didi_cfg['ema']),
+                      'optimizer': torch.optim.AdamW(didi_student.parameters(), didi_cfg['lr']),
+                      'disc_optimizer': torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad],
+                                                          didi_cfg['disc_lr'])}
+        cases['didi'] = lambda: distill_didi.iteration(didi_state, teacher, dataset, None, didi_cfg, next(counter),
+                                                       0, 1, device, '')
+    return dataset, cases
 
 
 def bench_iterations(cfg, kind, device):
-    """Median seconds of a teacher step and an IDLM iteration, timed in alternation."""
-    dataset, teacher_step, idlm_iteration = iteration_cases(cfg, kind, device)
-    teacher_step(), idlm_iteration()                                                       # warm-up
-    times = {'teacher': [], 'idlm': []}
+    """Median milliseconds of each case of iteration_cases, timed in alternation (round-robin)."""
+    dataset, cases = iteration_cases(cfg, kind, device)
+    for fn in cases.values():                                                              # warm-up
+        fn()
+    times = {name: [] for name in cases}
     for _ in range(cfg['iteration_repeats']):
-        times['teacher'].append(seconds(teacher_step, device)[0])
-        times['idlm'].append(seconds(idlm_iteration, device)[0])
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    return dict(teacher=kind, N=dataset.vocab_size, L=dataset.seq_len, teacher_ms=1e3 * medians['teacher'],
-                idlm_ms=1e3 * medians['idlm'], ratio=medians['idlm'] / medians['teacher'])
+        for name, fn in cases.items():
+            times[name].append(seconds(fn, device)[0])
+    ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
+    return dict(teacher=kind, N=dataset.vocab_size, L=dataset.seq_len, ms=ms)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,17 +321,21 @@ def report_loop(cfg, vocabs, device, emit):
 
 
 def report_iterations(cfg, device, emit):
-    emit('', f"## One IDLM iteration against one teacher-training step (batch {cfg['iteration_batch']}, "
+    emit('', f"## One distillation iteration against one teacher-training step (batch {cfg['iteration_batch']}, "
          f"'{cfg['iteration_model']}' DiT, data {cfg['iteration_data']})", '',
-         f"Median of {cfg['iteration_repeats']} of each, timed in alternation; an IDLM iteration is one fake update "
-         f"and one student update (fake_steps = 1).", '')
-    names = ['teacher', 'N', 'L', 'teacher step ms', 'IDLM iteration ms', 'IDLM / teacher']
+         f"Median of {cfg['iteration_repeats']} of each, timed round-robin. IDLM iteration: one fake update and one "
+         f"student update (fake_steps = 1). DiDi iteration (MDLM only): two-step student rollout, one discriminator "
+         f"update, one student update, at distill_didi.py's other defaults.", '')
+    names = ['teacher', 'N', 'L', 'teacher step ms', 'IDLM iteration ms', 'IDLM / teacher', 'DiDi iteration ms',
+             'DiDi / IDLM']
     emit(row(names), row(['---:'] * len(names)))
     verdicts = []
     for kind in distill_idlm.KINDS:
         r = bench_iterations(cfg, kind, device)
-        emit(row([kind, r['N'], r['L'], f"{r['teacher_ms']:.1f}", f"{r['idlm_ms']:.1f}", f"{r['ratio']:.2f}x"]))
-        verdicts.append(f"{kind} {r['ratio']:.2f}x {'met' if r['ratio'] <= 3.5 else 'MISSED'}")
+        ms, ratio = r['ms'], r['ms']['idlm'] / r['ms']['teacher']
+        didi = [f"{ms['didi']:.1f}", f"{ms['didi'] / ms['idlm']:.2f}x"] if 'didi' in ms else ['-', '-']
+        emit(row([kind, r['N'], r['L'], f"{ms['teacher']:.1f}", f"{ms['idlm']:.1f}", f"{ratio:.2f}x", *didi]))
+        verdicts.append(f"{kind} {ratio:.2f}x {'met' if ratio <= 3.5 else 'MISSED'}")
     emit('', f"Target: IDLM / teacher <= 3.5: {'; '.join(verdicts)}.")
 
 

@@ -345,8 +345,9 @@ def distill(cfg):
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
     teacher, teacher_ckpt = load_teacher(teacher_path, cfg, dataset)
-    # Duo's gammas travel with the student, so sample.py and eval.py rebuild the teacher's schedule from its config
-    cfg = {**cfg, **{k: teacher_ckpt['config'].get(k, 0.0) for k in ('duo_gamma_min', 'duo_gamma_max')}}
+    # Duo's schedule travels with the student, so sample.py and eval.py rebuild the teacher's from its config
+    teacher_cfg = train.stored_config(teacher_ckpt['config'])
+    cfg = {**cfg, **{k: teacher_cfg[k] for k in ('duo_gamma_min', 'duo_gamma_max', 'duo_spacing')}}
     objective = train.teacher_objective({**train.DEFAULTS, **cfg}, N)
     schedule = objective if cfg['teacher'] == 'duo' else 'loglinear'
     torch.manual_seed(cfg['seed'] + rank)  # only dropout draws from the global RNG; the data noise is seeded per step

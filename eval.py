@@ -5,6 +5,8 @@ Judging what a model generates in K steps, the way both papers do, plus the trut
     python eval.py --ckpt out/mdlm-synthetic,out/idlm-mdlm --steps 4,8,16   # several checkpoints side by side
     python eval.py --ckpt out/mdlm-pydoc --data pydoc --judge out/ar-pydoc  # real text: an AR judge instead
     python eval.py --ckpt path/to/mdlm-owt --data data/owt --judge gpt2:path/to/gpt2-large --steps 16,64,1024
+    python eval.py --ckpt out/didi-mdlm-synthetic,out/idlm-mdlm-synthetic --disc out/didi-mdlm-synthetic --steps 8,16
+                                                  # + RGAS rows for every MDLM model, guided by a DiDi discriminator
 
 Metrics for a batch of generated sequences x (num_samples, L):
   true GenPPL   exp(mean over sequences of -log p_true(x) / L), on the synthetic language only: exact, no judge.
@@ -16,6 +18,8 @@ Metrics for a batch of generated sequences x (num_samples, L):
                 sequences (both papers' definition). Low GenPPL with low entropy is repetition, not quality.
   NELBO PPL     exp(validation NELBO per token) of the checkpoint (zero-shot likelihood, DiDi Table 7).
   latency       seconds per sequence and tokens per second of the whole K-step sampler.
+With --disc, every MDLM checkpoint also gets RGAS rows (sample.generate_rgas, DiDi eq. 10-11), drawn from the same
+noise seed as its plain rows; the discriminator's calls are not counted in NFE but are in the latency.
 Every row is sampled in float64 (sample.py). The sweep writes <out>/results.json, <out>/table.md and, if
 matplotlib is installed, <out>/plot.png (GenPPL and entropy against steps, one line per model).
 """
@@ -33,7 +37,7 @@ from data import ensure_data, load_data
 from gpt2 import GPT2Judge, load_gpt2
 from model import ar_log_likelihood
 from official import CheckpointError
-from sample import StudentScores, exact_denoiser, generate, load_sampler
+from sample import StudentScores, exact_denoiser, generate, generate_rgas, load_discriminator, load_sampler
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value)
@@ -50,6 +54,10 @@ nelbo_batches = 16        # validation batches for the NELBO perplexity (0: skip
 fused = True
 sampler = 'analytic'      # SEDD only
 greedy_tail = False       # Duo only
+disc = ''                 # a DiDi-Instruct checkpoint: its discriminator guides extra RGAS rows of every MDLM model
+rgas_h = 30.0             # RGAS (sample.generate_rgas): the tilt of the first steps, ramped from 0
+rgas_tilt = 0.5           # fraction of the steps that tilt; the rest re-rank rgas_candidates candidates
+rgas_candidates = 4
 out = 'out/eval'
 device = 'auto'
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,7 +99,7 @@ def nelbo_perplexity(ckpt_path, dataset, batches, device):
     model, ckpt = common.load_model(ckpt_path)
     if ckpt.get('teacher') == 'sedd' and ckpt.get('kind') == 'student':
         model = StudentScores(model)
-    cfg = {**train.DEFAULTS, **ckpt['config'], 'eval_batches': batches}
+    cfg = {**train.stored_config(ckpt['config']), 'eval_batches': batches}
     objective = train.teacher_objective(cfg, dataset.vocab_size)
     return math.exp(train.evaluate(model.to(device), objective, dataset, cfg, 0, 1, device))
 
@@ -141,6 +149,17 @@ def load_judge(spec, dataset, data_name, device):
     return judge.to(device).eval()
 
 
+def draw(cfg, net, kind, schedule, disc, K, L, N, generator):
+    """--num_samples sequences in K steps: the model's own sampler, or RGAS guided by disc (MDLM only)."""
+    if disc is not None:
+        return generate_rgas(net, disc, cfg['num_samples'], L, K, N, generator, batch_size=cfg['batch_size'],
+                             h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'], candidates=cfg['rgas_candidates'],
+                             fused=cfg['fused'], progress=False)
+    return generate(net, kind, cfg['num_samples'], L, K, N, generator, batch_size=cfg['batch_size'],
+                    fused=cfg['fused'], sampler=cfg['sampler'] if kind == 'sedd' else None,
+                    greedy_tail=cfg['greedy_tail'] and kind == 'duo', schedule=schedule, progress=False)
+
+
 def sweep(cfg):
     _, _, device = common.setup_distributed(cfg['device'])
     dataset = load_data(ensure_data(cfg['data']))
@@ -154,21 +173,23 @@ def sweep(cfg):
     reference = dataset.batch('val', torch.arange(min(cfg['num_samples'], len(dataset.val))))
     rows = [{'model': 'data (held out)', 'steps': 0, **evaluate_samples(reference, language, judge, N)}]
     print(format_row(rows[0]))
+    disc = load_discriminator(cfg['disc'], N, device) if cfg['disc'] else None
     for label, net, kind, schedule, path in targets(cfg, language, device):
         extra = {}
         if path is not None and cfg['nelbo_batches'] > 0:
             extra['nelbo_ppl'] = nelbo_perplexity(path, dataset, cfg['nelbo_batches'], device)
-        for K in step_list:
-            generator = common.step_generator(cfg['seed'], K, device=device)
-            start = time.time()
-            x, nfe = generate(net, kind, cfg['num_samples'], L, K, N, generator, batch_size=cfg['batch_size'],
-                              fused=cfg['fused'], sampler=cfg['sampler'] if kind == 'sedd' else None,
-                              greedy_tail=cfg['greedy_tail'] and kind == 'duo', schedule=schedule, progress=False)
-            seconds = time.time() - start
-            row = {'model': label, 'steps': K, 'nfe': nfe, **evaluate_samples(x.cpu(), language, judge, N),
-                   'sec_per_seq': seconds / len(x), 'tok_per_sec': x.numel() / seconds, **extra}
-            rows.append(row)
-            print(format_row(row))
+        guides = [None] + ([disc] if disc is not None and kind == 'mdlm' and path is not None else [])
+        for guide in guides:
+            for K in step_list:
+                generator = common.step_generator(cfg['seed'], K, device=device)
+                start = time.time()
+                x, nfe = draw(cfg, net, kind, schedule, guide, K, L, N, generator)
+                seconds = time.time() - start
+                row = {'model': label if guide is None else f"{label} + RGAS", 'steps': K, 'nfe': nfe,
+                       **evaluate_samples(x.cpu(), language, judge, N), 'sec_per_seq': seconds / len(x),
+                       'tok_per_sec': x.numel() / seconds, **extra}
+                rows.append(row)
+                print(format_row(row))
     return rows, language
 
 

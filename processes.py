@@ -270,14 +270,24 @@ def duo_alpha(gamma, N):
     return a.to(dtype=dtype, device=g.device), da.to(dtype=dtype, device=g.device)
 
 
-def duo_gamma_for_alpha(alpha, N):
-    """The gamma at which duo_alpha(gamma, N) equals alpha (alpha decreases in gamma), from the table.
-    Used to pick gamma_min / gamma_max for a vocabulary size: the max of N - 1 Gaussians grows with N, so
-    the OpenWebText values (-3.55, -1.85 for N = 50257) do not carry over to a small N."""
+def duo_gamma_of_alpha(alpha, N):
+    """The inverse of duo_alpha: gamma at which the table's alpha equals alpha (a tensor; alpha decreases in gamma),
+    by linear interpolation between table points. Not differentiable (a schedule). Same shape/dtype/device."""
     grid, table, _ = _duo_table(N)
     a_up, g_up = table.flip(0), grid.flip(0)  # increasing alpha
-    if not (a_up[0] < alpha < a_up[-1]):
-        raise ValueError(f"alpha={alpha} outside the tabulated range [{a_up[0]:.2e}, {a_up[-1]:.6f}]")
-    j = int(torch.searchsorted(a_up, torch.tensor(alpha, dtype=torch.float64)))
-    w = (alpha - a_up[j - 1]) / (a_up[j] - a_up[j - 1])
-    return float(g_up[j - 1] + w * (g_up[j] - g_up[j - 1]))
+    a = torch.as_tensor(alpha).detach()
+    a64 = a.to(torch.float64).cpu()
+    j = torch.searchsorted(a_up, a64).clamp(1, len(a_up) - 1)
+    w = (a64 - a_up[j - 1]) / (a_up[j] - a_up[j - 1])
+    gamma = g_up[j - 1] + w * (g_up[j] - g_up[j - 1])
+    return gamma.to(dtype=a.dtype if a.is_floating_point() else torch.float64, device=a.device)
+
+
+def duo_gamma_for_alpha(alpha, N):
+    """duo_gamma_of_alpha for one float, checked to lie inside the table. Used to pick gamma_min / gamma_max for
+    a vocabulary size: the max of N - 1 Gaussians grows with N, so the OpenWebText values (-3.55, -1.85 for
+    N = 50257) do not carry over to a small N."""
+    _, table, _ = _duo_table(N)
+    if not (table.min() < alpha < table.max()):
+        raise ValueError(f"alpha={alpha} outside the tabulated range [{table.min():.2e}, {table.max():.6f}]")
+    return float(duo_gamma_of_alpha(torch.tensor(alpha, dtype=torch.float64), N))

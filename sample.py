@@ -506,9 +506,11 @@ def exact_denoiser(language, kind):
 
 
 def duo_schedule(config, N):
-    """The DuoObjective (for its alpha(t)) a Duo checkpoint was trained with; 0.0 / 0.0 means 'chosen for N'."""
+    """The DuoObjective (for its alpha(t)) a Duo checkpoint was trained with; 0.0 / 0.0 means 'chosen for N', and
+    a checkpoint without duo_spacing was spaced in gamma (losses.DuoObjective)."""
     gammas = (config.get('duo_gamma_min', 0.0), config.get('duo_gamma_max', 0.0))
-    return DuoObjective(N) if gammas == (0.0, 0.0) else DuoObjective(N, *gammas)
+    spacing = config.get('duo_spacing', 'gamma')
+    return DuoObjective(N, spacing=spacing) if gammas == (0.0, 0.0) else DuoObjective(N, *gammas, spacing=spacing)
 
 
 class StudentScores(torch.nn.Module):

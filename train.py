@@ -57,6 +57,7 @@ device = 'auto'
 resume = False
 duo_gamma_min = 0.0       # Duo's Gaussian schedule; 0.0 and 0.0 mean "choose for this vocabulary" (losses.py)
 duo_gamma_max = 0.0
+duo_spacing = 'alpha'     # Duo: t spaced evenly in alpha (lower-variance NELBO) or 'gamma' (Duo's); losses.py
 mask_count = True         # MDLM only: train with the mask-count estimator of the same NELBO (losses.py,
                           # MDLMObjective.corrupt_by_count), far lower variance; validation always uses t ~ U
 log_every = 50
@@ -72,7 +73,13 @@ def teacher_objective(cfg, N):
         return None
     gammas = (cfg['duo_gamma_min'], cfg['duo_gamma_max'])
     return make_objective(cfg['teacher'], N, gamma_min=None if gammas == (0.0, 0.0) else gammas[0],
-                          gamma_max=None if gammas == (0.0, 0.0) else gammas[1])
+                          gamma_max=None if gammas == (0.0, 0.0) else gammas[1], spacing=cfg['duo_spacing'])
+
+
+def stored_config(config):
+    """A checkpoint's config over today's DEFAULTS. A key added since the checkpoint was written takes the value
+    its run used: Duo teachers from before duo_spacing existed (and official ones) were spaced in gamma."""
+    return {**DEFAULTS, 'duo_spacing': 'gamma', **config}
 
 
 def teacher_model(cfg, N, seq_len, objective):

@@ -4,6 +4,7 @@ the discriminator head's spectral norm, whole runs (torchrun, exact resume, the 
 like teachers, and one-line errors."""
 import copy
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 import common
 import distill_didi as didi
+import eval as evaluation
 import sample
 import train
 from common import UserError
@@ -262,7 +264,7 @@ def test_interrupted_run_resumes_bit_exactly(teacher, reference_run):
 def test_every_ablation_runs_and_the_student_samples_like_a_teacher(teacher, tmp_path):
     """The Table 2 switches all at once (one step, independent times, omega = 1, uniform pi, no regularisers) and
     --real data; then the student goes through sample.py like any teacher, guided by its own discriminator or,
-    with --disc, guiding another model; the run ends with the results table."""
+    with --disc, guiding another model; the run ends with the results table; eval.py --disc adds RGAS rows."""
     root, data = teacher
     out = tmp_path / 'ablated'
     didi.main(args(root, data, out, real='data', decompose='false', coupled_time='false', omega='false',
@@ -282,6 +284,13 @@ def test_every_ablation_runs_and_the_student_samples_like_a_teacher(teacher, tmp
         assert x.shape == (6, 8) and 0 <= x.min() and x.max() < 8
     with pytest.raises(UserError, match='holds no discriminator'):
         sample.main([f'--ckpt={root / "mdlm"}', '--rgas=true', '--steps=2', '--num_samples=2'])
+    # eval.py --disc: an RGAS row beside every plain row of each MDLM checkpoint, none for the exact floor
+    evaluation.main([f'--ckpt={root / "mdlm"},{out}', f'--disc={out}', f'--data={data}', '--steps=2,4',
+                     '--num_samples=4', '--nelbo_batches=0', f'--out={tmp_path / "eval"}', '--rgas_candidates=2'])
+    rows = json.load(open(tmp_path / 'eval' / 'results.json'))['rows']
+    assert [(r['model'], r['steps']) for r in rows[1:]] == [
+        (name, K) for name in ('mdlm', 'mdlm + RGAS', 'ablated', 'ablated + RGAS', 'exact mdlm denoiser')
+        for K in (2, 4)]
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -34,7 +34,7 @@ Every trick switches off by a flag, to rerun the leave-one-out ablation (DiDi Ta
   --rgas false           no guided inference: only plain ancestral rows in the evaluation
 Logged every log_every iterations: the discriminator's loss and its mean P(teacher) on teacher and on student
 samples, the raw reward, the student's loss terms and gradient norms. Judge a run by the EMA student's GenPPL and
-entropy at K steps (every eval_interval iterations and in the final table, results.md), not by these.
+entropy at K steps (every eval_interval iterations, in the final table, results.md, and history.png), not by these.
 """
 
 import copy
@@ -56,10 +56,9 @@ import common
 import distill_idlm as idlm
 from common import UserError
 from data import ensure_data, load_data
-from eval import evaluate_samples, format_row
 from model import Discriminator, discriminator_reward
 from processes import Absorbing, alpha_loglinear, dalpha_loglinear, sigma_bar_loglinear
-from sample import generate, generate_rgas, mdlm_step
+from sample import generate, mdlm_step
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value; a positional argument is a config file of `key = value` lines)
@@ -101,6 +100,7 @@ rgas_tilt = 0.5           # fraction of the steps that tilt; the rest re-rank rg
 rgas_candidates = 4
 eval_interval = 250       # iterations between evaluations of the EMA student (and at the end)
 eval_steps = '8,16'       # K-step budgets
+teacher_steps = '1024'    # extra budgets for the teacher in the final table: the many-step reference to match
 eval_samples = 128        # sequences per budget; 0 skips evaluation and the final table
 judge = ''                # an AR checkpoint (train.py --teacher ar) for judge GenPPL; '' = none
 ckpt_interval = 200
@@ -396,25 +396,7 @@ def resume_from(path, state):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation: K-step samples in float64, plain (sample.generate) or guided (sample.generate_rgas)
-
-def sample_rows(label, net, disc, dataset, language, judge, cfg, device):
-    """One row per K in --eval_steps: NFE, true GenPPL (synthetic data), entropy, judge GenPPL (with --judge) and
-    seconds per sequence; with a discriminator, the samples come from RGAS. Every model sees the same noise seed."""
-    rows, N, L = [], dataset.vocab_size, dataset.seq_len
-    for K in [int(s) for s in cfg['eval_steps'].split(',') if s]:
-        gen, start = common.step_generator(cfg['seed'] + 1, K, device=device), time.time()
-        if disc is None:
-            x, nfe = generate(net, 'mdlm', cfg['eval_samples'], L, K, N, gen, batch_size=cfg['batch_size'])
-        else:
-            x, nfe = generate_rgas(net, disc, cfg['eval_samples'], L, K, N, gen, batch_size=cfg['batch_size'],
-                                   h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'],
-                                   candidates=cfg['rgas_candidates'])
-        rows.append({'model': label, 'steps': K, 'nfe': nfe, **evaluate_samples(x.cpu(), language, judge, N),
-                     'sec_per_seq': (time.time() - start) / len(x)})
-        tqdm.write(format_row(rows[-1]))
-    return rows
-
+# Evaluation: the EMA student, plain and guided (distill_idlm.sample_rows: sample.generate or generate_rgas)
 
 def student_rows(label, state, cfg, evaluate_rows):
     """The EMA student, plain and (with --rgas) guided by a frozen copy of the current discriminator."""
@@ -489,8 +471,8 @@ def distill(cfg):
     judge, language = idlm.load_judge(cfg, N, device), dataset.language()
     evaluate = cfg['eval_samples'] > 0 and any(cfg['eval_steps'].split(','))
 
-    def evaluate_rows(label, net, guide):
-        return sample_rows(label, net, guide, dataset, language, judge, cfg, device)
+    def evaluate_rows(label, net, guide, steps=None):
+        return idlm.sample_rows(label, net, 'mdlm', 'loglinear', dataset, language, judge, cfg, device, steps, guide)
 
     if master:
         trainable = sum(p.numel() for p in disc.parameters() if p.requires_grad)
@@ -524,8 +506,9 @@ def distill(cfg):
         if evaluate:
             final = [r for r in history['eval'] if r['iter'] == cfg['max_iters']] or \
                 student_rows('DiDi student (EMA)', state, cfg, evaluate_rows)
-            teacher_rows = evaluate_rows('teacher mdlm', teacher, None)
-            idlm.results_table(teacher_rows + final, dataset, language, judge, cfg, out_dir)
+            teacher_rows = evaluate_rows('teacher mdlm', teacher, None, idlm.teacher_budgets(cfg))
+            rows = idlm.results_table(teacher_rows + final, dataset, language, judge, cfg, out_dir)
+            idlm.plot_history(history, rows, os.path.join(out_dir, 'history.png'))
     return ckpt_path
 
 

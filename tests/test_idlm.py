@@ -360,17 +360,25 @@ def test_sedd_student_nelbo_ignores_the_score_mass(teachers, tmp_path):
 
 def test_missing_default_teacher_is_trained_then_evaluated(tmp_path, monkeypatch, capsys):
     """--teacher mdlm on 'synthetic' with no out/mdlm-synthetic: train.py's defaults (made tiny here) train it
-    first; the run ends with the results table and the history."""
+    first; the run ends with the results table (teacher also at --teacher_steps), its verdicts and the history."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data_module, 'DATA_ROOT', str(tmp_path / 'data'))
     prepare_synthetic(str(tmp_path / 'data' / 'synthetic'), num_train=64, num_val=16, N=8, L=8, K=2)
     for key, value in dict(model='tiny', max_iters=2, batch_size=8, eval_batches=1, warmup_iters=1).items():
         monkeypatch.setitem(train.DEFAULTS, key, value)
     idlm.main(['--teacher=mdlm', '--max_iters=2', '--batch_size=4', '--eval_samples=6', '--eval_steps=2,4',
-               '--log_every=1'])
+               '--log_every=1', '--teacher_steps=16'])
     assert 'training one first' in capsys.readouterr().out
     assert os.path.isfile('out/mdlm-synthetic/ckpt.pt') and os.path.isfile('out/idlm-mdlm-synthetic/ckpt.pt')
     table = open('out/idlm-mdlm-synthetic/results.md').read()
     assert 'teacher mdlm' in table and 'IDLM student' in table and 'true GenPPL' in table
+    assert '| teacher mdlm | 16 |' in table                        # --teacher_steps: the many-step reference row
+    verdicts = [line for line in table.splitlines() if 'against the teacher at 16 steps' in line]
+    assert len(verdicts) == 2 and all('matched' in line for line in verdicts)   # one per student budget
+    try:
+        import matplotlib  # noqa: F401  (optional: the plot is skipped without it)
+        assert os.path.getsize('out/idlm-mdlm-synthetic/history.png') > 1000
+    except ImportError:
+        pass
     history = json.load(open('out/idlm-mdlm-synthetic/history.json'))
     assert len(history['train']) == 2 and {r['steps'] for r in history['eval']} == {2, 4}

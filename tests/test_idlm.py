@@ -382,3 +382,34 @@ def test_missing_default_teacher_is_trained_then_evaluated(tmp_path, monkeypatch
         pass
     history = json.load(open('out/idlm-mdlm-synthetic/history.json'))
     assert len(history['train']) == 2 and {r['steps'] for r in history['eval']} == {2, 4}
+
+
+def test_best_is_the_lowest_genppl_within_the_entropy_tolerance():
+    reference = {'steps': 1024, 'genppl_true': 6.0, 'entropy': 3.0}
+    row = lambda ppl, ent: {'steps': 16, 'genppl_true': ppl, 'entropy': ent}
+    assert idlm.better(row(5.9, 2.95), None, reference, 0.02)                  # -1.7% entropy, lower GenPPL
+    assert not idlm.better(row(5.9, 2.93), None, reference, 0.02)              # -2.3%: too much entropy lost
+    assert not idlm.better(row(6.1, 3.00), None, reference, 0.02)              # GenPPL worse than the teacher's
+    assert not idlm.better(row(5.9, 2.99), row(5.8, 2.95), reference, 0.02)    # qualifies, but not the lowest
+    assert idlm.better(row(5.7, 2.99), row(5.8, 2.95), reference, 0.02)
+    judged = {'steps': 16, 'genppl_judge': 50.0, 'entropy': 3.0}               # real text: the judge's GenPPL
+    assert idlm.better(judged, None, {'steps': 64, 'genppl_judge': 60.0, 'entropy': 3.0}, 0.02)
+
+
+def test_best_checkpoint_is_kept_and_reported(tmp_path, monkeypatch):
+    """best.pt is a full student checkpoint of the chosen iteration (forced here: the first evaluation), loads in
+    sample.py, and the final table reports it beside the last EMA student, with the teacher at --teacher_steps."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data_module, 'DATA_ROOT', str(tmp_path / 'data'))
+    prepare_synthetic(str(tmp_path / 'data' / 'synthetic'), num_train=64, num_val=16, N=8, L=8, K=2)
+    for key, value in dict(model='tiny', max_iters=2, batch_size=8, eval_batches=1, warmup_iters=1).items():
+        monkeypatch.setitem(train.DEFAULTS, key, value)
+    monkeypatch.setattr(idlm, 'better', lambda row, best, reference, tolerance: best is None)
+    idlm.main(['--teacher=mdlm', '--max_iters=2', '--batch_size=4', '--eval_samples=6', '--eval_steps=2,4',
+               '--eval_interval=1', '--teacher_steps=16'])
+    best = torch.load('out/idlm-mdlm-synthetic/best.pt', weights_only=False)
+    assert best['iter'] == 1 and best['history']['best']['iter'] == 1 and best['history']['reference']['steps'] == 16
+    net, kind, N, L, _, _ = sample.load_sampler('out/idlm-mdlm-synthetic/best.pt', 'cpu')
+    assert (kind, N, L) == ('mdlm', 8, 8)
+    table = open('out/idlm-mdlm-synthetic/results.md').read()
+    assert 'IDLM student @2 (EMA, last)' in table and 'IDLM student @1 (EMA, best.pt)' in table

@@ -55,7 +55,7 @@ import common
 import train
 from common import UserError
 from data import ensure_data, load_data
-from eval import evaluate_samples, format_row, markdown_table
+from eval import evaluate_samples, format_row, genppl_key, markdown_table
 from losses import DuoObjective
 from processes import sample_time
 from sample import StudentScores, generate, generate_rgas, load_sampler
@@ -452,61 +452,66 @@ def distill(cfg):
                 print(f"no evaluation came within {cfg['entropy_tolerance']:.0%} of the teacher's entropy at no "
                       f"worse GenPPL, so there is no best.pt")
             teacher_rows = rows_at_budgets(f"teacher {cfg['teacher']}", teacher, teacher_budgets(cfg))
-            rows = results_table(teacher_rows + student_rows, dataset, language, judge, cfg, out_dir)
-            plot_history(history, rows, os.path.join(out_dir, 'history.png'))
+            rows = results_table(teacher_rows + student_rows, dataset, language, judge, cfg, out_dir,
+                                 cfg['entropy_tolerance'])
+            plot_history(history, rows, os.path.join(out_dir, 'history.png'), cfg['entropy_tolerance'])
     return ckpt_path
 
 
+def matches(row, reference, tolerance):
+    """The target: GenPPL no worse than the reference's (the teacher at its most steps) and entropy at least
+    (1 - tolerance) times its entropy. GenPPL is the true one, else the judge's."""
+    key = genppl_key(row)
+    return key is not None and row[key] <= reference[key] and row['entropy'] >= (1 - tolerance) * reference['entropy']
+
+
 def better(row, best, reference, tolerance):
-    """Does this evaluation row replace best? It must match the reference (the teacher at its most steps): GenPPL
-    no worse (true GenPPL, else judge GenPPL) and entropy at least (1 - tolerance) times the teacher's; then the
-    lower GenPPL wins."""
-    key = 'genppl_true' if 'genppl_true' in row else 'genppl_judge' if 'genppl_judge' in row else None
-    if key is None or row[key] > reference[key] or row['entropy'] < (1 - tolerance) * reference['entropy']:
-        return False
-    return best is None or row[key] < best[key]
+    """Does this evaluation row replace best? It must match the reference; then the lower GenPPL wins."""
+    return matches(row, reference, tolerance) and (best is None or row[genppl_key(row)] < best[genppl_key(row)])
 
 
 def teacher_budgets(cfg):
     return sorted(set(budgets(cfg['eval_steps']) + budgets(cfg['teacher_steps'])))
 
 
-def verdicts(rows):
-    """One line per plain student row: its GenPPL and entropy against the teacher's row with the most steps (the
-    issue's test: GenPPL no worse, entropy within 2%)."""
-    teacher = max((r for r in rows if r['model'].startswith('teacher')), key=lambda r: r['steps'], default=None)
-    if teacher is None:
-        return []
-    key = 'genppl_true' if 'genppl_true' in teacher else 'genppl_judge' if 'genppl_judge' in teacher else None
+def most_steps_teacher(rows):
+    """The teacher's row with the most steps: the reference a student is judged against (None without one)."""
+    return max((r for r in rows if r['model'].startswith('teacher')), key=lambda r: r['steps'], default=None)
+
+
+def verdicts(rows, tolerance):
+    """One line per plain student row: its GenPPL and entropy against the teacher's row with the most steps, and
+    whether it matches() it."""
+    teacher = most_steps_teacher(rows)
+    key = genppl_key(teacher) if teacher is not None else None
     lines = []
     for r in rows:
-        if r['model'].startswith(('teacher', 'data')) or 'RGAS' in r['model'] or key is None:
+        if key is None or r['model'].startswith(('teacher', 'data')) or 'RGAS' in r['model']:
             continue
-        drop = 100 * (1 - r['entropy'] / teacher['entropy'])
-        met = r[key] <= teacher[key] and drop <= 2
+        change = 100 * (r['entropy'] / teacher['entropy'] - 1)
         lines.append(f"- {r['model']} at {r['steps']} steps: GenPPL {r[key]:.3f} vs {teacher[key]:.3f}, entropy "
-                     f"{r['entropy']:.3f} vs {teacher['entropy']:.3f} ({-drop:+.2f}%) against the teacher at "
-                     f"{teacher['steps']} steps: {'matched' if met else 'not matched'}")
+                     f"{r['entropy']:.3f} vs {teacher['entropy']:.3f} ({change:+.2f}%) against the teacher at "
+                     f"{teacher['steps']} steps: {'matched' if matches(r, teacher, tolerance) else 'not matched'}")
     return lines
 
 
-def results_table(rows, dataset, language, judge, cfg, out_dir):
+def results_table(rows, dataset, language, judge, cfg, out_dir, tolerance=0.02):
     """Teacher and (EMA) student rows, below the held-out data's own row, and verdicts (GenPPL no worse, entropy
-    within 2% of the teacher at its most steps): printed, and saved as out_dir/results.md (eval.py's table)."""
+    within tolerance of the teacher at its most steps): printed, and saved as out_dir/results.md (eval.py's table)."""
     reference = dataset.batch('val', torch.arange(min(cfg['eval_samples'], len(dataset.val))))
     rows = [{'model': 'data (held out)', 'steps': 0, **evaluate_samples(reference, language, judge,
                                                                        dataset.vocab_size)}] + rows
-    table = markdown_table(rows, language) + '\n' + '\n'.join(verdicts(rows)) + '\n'
+    table = markdown_table(rows, language) + '\n' + '\n'.join(verdicts(rows, tolerance)) + '\n'
     with open(os.path.join(out_dir, 'results.md'), 'w') as f:
         f.write(table)
     print('\n' + table)
     return rows
 
 
-def plot_history(history, rows, path):
+def plot_history(history, rows, path, tolerance=0.02):
     """GenPPL and entropy of the EMA student against iterations, one line per K (RGAS dashed), with the teacher at
-    its most steps (from the final rows) as the line to match (entropy: and the 2% band below it). Skipped without
-    matplotlib."""
+    its most steps (from the final rows) as the line to match (entropy: and the tolerance band below it). Skipped
+    without matplotlib."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -515,8 +520,8 @@ def plot_history(history, rows, path):
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     evals = history['eval']
-    key = next((k for k in ('genppl_true', 'genppl_judge') if evals and k in evals[0]), None)
-    teacher = max((r for r in rows if r['model'].startswith('teacher')), key=lambda r: r['steps'], default=None)
+    key = genppl_key(evals[0]) if evals else None
+    teacher = most_steps_teacher(rows)
     panels = ([key] if key else []) + ['entropy']
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, k in zip(axes[0], panels):
@@ -529,7 +534,8 @@ def plot_history(history, rows, path):
         if teacher is not None:
             ax.axhline(teacher[k], color='k', ls=':', lw=1.5, label=f"teacher, {teacher['steps']} steps")
             if k == 'entropy':
-                ax.axhspan(0.98 * teacher[k], teacher[k], color='k', alpha=0.08, label='within 2% of the teacher')
+                ax.axhspan((1 - tolerance) * teacher[k], teacher[k], color='k', alpha=0.08,
+                           label=f"within {tolerance:.0%} of the teacher")
         ax.set_xlabel('iteration')
         ax.set_ylabel({'genppl_true': 'true GenPPL', 'genppl_judge': 'judge GenPPL', 'entropy': 'entropy (nats)'}[k])
         ax.grid(alpha=0.3)

@@ -122,6 +122,11 @@ def targets(cfg, language, device):
             yield os.path.basename(os.path.normpath(name)), net, kind, schedule, name
 
 
+def genppl_key(row):
+    """The GenPPL a row carries: 'genppl_true' on the synthetic language, else 'genppl_judge', else None."""
+    return next((k for k in ('genppl_true', 'genppl_judge') if k in row), None)
+
+
 def evaluate_samples(x, language, judge, bos_id):
     row = {'entropy': sample_entropy(x)}
     if language is not None:
@@ -223,7 +228,7 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    key = 'genppl_true' if 'genppl_true' in rows[0] else 'genppl_judge' if 'genppl_judge' in rows[0] else None
+    key = genppl_key(rows[0])
     panels = ([key] if key else []) + ['entropy']
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     axes = axes if len(panels) > 1 else [axes]

@@ -224,10 +224,7 @@ def iteration_cases(cfg, kind, device):
     trainee_optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4, betas=(0.9, run_cfg['beta2']))
     teacher.eval().requires_grad_(False)
     copy_of_teacher = lambda: copy.deepcopy(teacher).train().requires_grad_(True)
-    student, fake = copy_of_teacher(), copy_of_teacher()
-    idlm_state = {'student': student, 'fake': fake, 'ema': common.EMA(student, run_cfg['ema']),
-                  'optimizer': torch.optim.AdamW(student.parameters(), run_cfg['lr']),
-                  'fake_optimizer': torch.optim.AdamW(fake.parameters(), run_cfg['fake_lr'])}
+    idlm_state = distill_idlm.make_state(copy_of_teacher(), copy_of_teacher(), run_cfg)
     counter = iter(range(10 ** 9))
 
     def teacher_step():  # train.py's loop body, one micro-batch
@@ -247,12 +244,8 @@ def iteration_cases(cfg, kind, device):
     cases = {'teacher': teacher_step, 'idlm': idlm_iteration}
     if kind == 'mdlm':  # DiDi-Instruct distills MDLM teachers only
         didi_cfg = {**distill_didi.DEFAULTS, 'batch_size': cfg['iteration_batch'], 'grad_accum': 1}
-        didi_student = copy_of_teacher()
         disc = distill_didi.make_discriminator(teacher, didi_cfg['disc_trainable_blocks'])
-        didi_state = {'student': didi_student, 'disc': disc, 'ema': common.EMA(didi_student, didi_cfg['ema']),
-                      'optimizer': torch.optim.AdamW(didi_student.parameters(), didi_cfg['lr']),
-                      'disc_optimizer': torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad],
-                                                          didi_cfg['disc_lr'])}
+        didi_state = distill_didi.make_state(copy_of_teacher(), disc, didi_cfg)
         cases['didi'] = lambda: distill_didi.iteration(didi_state, teacher, dataset, None, didi_cfg, next(counter),
                                                        0, 1, device, '')
     return dataset, cases

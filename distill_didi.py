@@ -341,6 +341,16 @@ def iteration(state, teacher, dataset, bank, cfg, it, rank, world, device, ckpt_
 # ----------------------------------------------------------------------------------------------------------------
 # Setup: the teacher, the bank of teacher samples, checkpoints
 
+def make_state(student, disc, cfg):
+    """What iteration() updates: student and discriminator, their AdamW optimizers (the discriminator's over its
+    trainable part, without weight decay) and the student's EMA."""
+    betas = (0.9, cfg['beta2'])
+    return {'student': student, 'disc': disc, 'ema': common.EMA(student, cfg['ema']),
+            'optimizer': torch.optim.AdamW(student.parameters(), cfg['lr'], betas, weight_decay=cfg['weight_decay']),
+            'disc_optimizer': torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], cfg['disc_lr'],
+                                                betas, weight_decay=0.0)}
+
+
 def load_teacher(path, dataset, data):
     """The frozen MDLM teacher (EMA weights, eval mode) and its checkpoint, checked against the data."""
     teacher, ckpt = common.load_model(path, which='ema')
@@ -454,11 +464,7 @@ def distill(cfg):
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     disc = make_discriminator(teacher, cfg['disc_trainable_blocks'])
     torch.manual_seed(cfg['seed'] + rank)    # only dropout draws from the global RNG; the rest is seeded per step
-    betas = (0.9, cfg['beta2'])
-    state = {'student': student, 'disc': disc, 'ema': common.EMA(student, cfg['ema']),
-             'optimizer': torch.optim.AdamW(student.parameters(), cfg['lr'], betas, weight_decay=cfg['weight_decay']),
-             'disc_optimizer': torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], cfg['disc_lr'],
-                                                 betas, weight_decay=0.0)}
+    state = make_state(student, disc, cfg)
     start, history = 0, {'train': [], 'eval': []}
     if cfg['resume'] and os.path.exists(ckpt_path):
         start, history, bank_path = resume_from(ckpt_path, state)

@@ -230,6 +230,15 @@ def iteration(state, teacher, objective, dataset, cfg, it, rank, world, device, 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup: the teacher (trained first if absent), the three networks, checkpoints
 
+def make_state(student, fake, cfg):
+    """What iteration() updates: student and fake, their AdamW optimizers and the student's EMA."""
+    betas = (0.9, cfg['beta2'])
+    return {'student': student, 'fake': fake, 'ema': common.EMA(student, cfg['ema']),
+            'optimizer': torch.optim.AdamW(student.parameters(), cfg['lr'], betas, weight_decay=cfg['weight_decay']),
+            'fake_optimizer': torch.optim.AdamW(fake.parameters(), cfg['fake_lr'], betas,
+                                                weight_decay=cfg['weight_decay'])}
+
+
 def every(done, interval):
     return interval > 0 and done % interval == 0
 
@@ -377,11 +386,7 @@ def distill(cfg):
     torch.manual_seed(cfg['seed'] + rank)  # only dropout draws from the global RNG; the data noise is seeded per step
     teacher = teacher.to(device)
     student, fake = (copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2))  # §3.3: both from f*
-    betas = (0.9, cfg['beta2'])
-    state = {'student': student, 'fake': fake, 'ema': common.EMA(student, cfg['ema']),
-             'optimizer': torch.optim.AdamW(student.parameters(), cfg['lr'], betas, weight_decay=cfg['weight_decay']),
-             'fake_optimizer': torch.optim.AdamW(fake.parameters(), cfg['fake_lr'], betas,
-                                                 weight_decay=cfg['weight_decay'])}
+    state = make_state(student, fake, cfg)
     start, history = 0, {'train': [], 'eval': []}
     if cfg['resume'] and os.path.exists(ckpt_path):
         start, history = resume_from(ckpt_path, cfg, state)

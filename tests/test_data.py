@@ -342,12 +342,17 @@ def test_cli_errors_are_one_line(tmp_path):
 # -----------------------------------------------------------------------------
 # Your own text through tiktoken's GPT-2 encoding
 
-def test_text_round_trip(tmp_path):
+def gpt2_or_skip():
+    """tiktoken's GPT-2 encoding, loaded afresh, or a skip where its BPE files are not available (offline)."""
     data.gpt2_encoding.cache_clear()
     try:
-        enc = data.gpt2_encoding()
+        return data.gpt2_encoding()
     except DataError as e:
         pytest.skip(f"tiktoken's GPT-2 BPE files cannot be loaded here ({e})")
+
+
+def test_text_round_trip(tmp_path):
+    enc = gpt2_or_skip()
     files = [tmp_path / 'a.txt', tmp_path / 'b.txt']
     files[0].write_text('The quick brown fox jumps over the lazy dog. ' * 40)
     files[1].write_text('Diffusion language models unmask many tokens per step. ' * 40)
@@ -508,11 +513,7 @@ def test_owt_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_owt_with_gpt2_bpe(tmp_path):
-    data.gpt2_encoding.cache_clear()
-    try:
-        enc = data.gpt2_encoding()
-    except DataError as e:
-        pytest.skip(f"tiktoken's GPT-2 BPE files cannot be loaded here ({e})")
+    enc = gpt2_or_skip()
     texts = owt_corpus(tmp_path / 'corpus')
     d = data.load_data(data.prepare_owt(str(tmp_path / 'owt'), str(tmp_path / 'corpus'), seq_len=8, val_docs=1))
     stream = []

@@ -5,7 +5,6 @@ like teachers, and one-line errors."""
 import copy
 import itertools
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -24,6 +23,7 @@ from data import prepare_synthetic
 from model import Discriminator, build_model
 from processes import Absorbing, alpha_loglinear
 from test_idlm import ENV, ROOT, gen, load
+from test_train import run_script
 
 F64 = torch.float64
 CFG = {**didi.DEFAULTS, 'group_size': 4, 'tau_dist': 'uniform'}
@@ -233,9 +233,7 @@ def reference_run(teacher):
 
 def test_two_processes_match_one(teacher, reference_run):
     root, data = teacher
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'distill_didi.py',
-           *args(root, data, root / 'two')]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = run_script(['distill_didi.py', *args(root, data, root / 'two')], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     two = load(root / 'two')
     for key in ('model', 'discriminator'):

@@ -20,6 +20,7 @@ import train
 from common import UserError
 from data import prepare_synthetic
 from losses import DuoObjective, MDLMObjective, Noisy, mdlm_loss
+from test_train import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -257,9 +258,7 @@ def reference_run(teachers):
 
 def test_two_processes_match_one(teachers, reference_run):
     root, data = teachers
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'distill_idlm.py',
-           *args(root / 'mdlm', data, root / 'two')]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = run_script(['distill_idlm.py', *args(root / 'mdlm', data, root / 'two')], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     two = load(root / 'two')
     for key in ('model', 'fake'):

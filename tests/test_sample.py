@@ -17,6 +17,7 @@ from data import SyntheticLanguage, prepare_synthetic
 from losses import udlm_loss
 from model import sedd_log_score, subs_log_probs
 from processes import Uniform, alpha_loglinear
+from test_train import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = torch.float64
@@ -302,11 +303,8 @@ def test_greedy_tail_and_argument_checks(tiny):
 def test_two_processes_write_one_file_of_distinct_rows(tiny_data, tmp_path):
     data = tiny_data
     out = str(tmp_path / 'samples.npy')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'sample.py',
-           '--ckpt=exact', f'--data={data}', '--kind=mdlm', '--steps=16', '--num_samples=7', '--batch_size=2',
-           f'--out={out}', '--progress=false']
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True,
-                       timeout=300)
+    r = run_script(['sample.py', '--ckpt=exact', f'--data={data}', '--kind=mdlm', '--steps=16', '--num_samples=7',
+                    '--batch_size=2', f'--out={out}', '--progress=false'], nproc=2)
     assert r.returncode == 0, r.stderr
     x = np.load(out)
     assert x.shape == (7, 8) and x.dtype == np.int64 and x.min() >= 0 and x.max() < 8

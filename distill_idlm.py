@@ -405,7 +405,10 @@ def distill(cfg):
     best_path = os.path.join(out_dir, 'best.pt')
     if master and 'best' not in history and os.path.exists(best_path):
         os.remove(best_path)  # from an earlier run in this out_dir: it would pass for this run's choice
-    if evaluate and master and cfg['keep_best'] and 'reference' not in history:  # the teacher's row to stay near
+    # best.pt needs a GenPPL (the synthetic language's, or a --judge's) and the teacher's many-step row to stay near;
+    # without a GenPPL (e.g. OpenWebText scored by GPT-2 afterwards) that teacher run would be wasted
+    keep_best = evaluate and cfg['keep_best'] and (language is not None or judge is not None)
+    if keep_best and master and 'reference' not in history:
         history['reference'] = rows_at_budgets(f"teacher {cfg['teacher']}", teacher, teacher_budgets(cfg)[-1:], 2)[0]
 
     if master:
@@ -432,8 +435,7 @@ def distill(cfg):
             rows = rows_at_budgets(f"IDLM student @{done} (EMA)", net, stream=2)
             history['eval'] += [{'iter': done, **r} for r in rows]
             largest = max(rows, key=lambda r: r['steps'])
-            if cfg['keep_best'] and better(largest, history.get('best'), history['reference'],
-                                           cfg['entropy_tolerance']):
+            if keep_best and better(largest, history.get('best'), history['reference'], cfg['entropy_tolerance']):
                 history['best'] = {'iter': done, **largest}
                 save(best_path, state, cfg, dataset, done, history)
                 tqdm.write(f"best.pt <- iteration {done}: within {cfg['entropy_tolerance']:.0%} of the teacher's "
@@ -453,7 +455,7 @@ def distill(cfg):
                 student_rows += rows_at_budgets(f"IDLM student @{history['best']['iter']} (EMA, best.pt)", best)
             elif 'best' in history:
                 print(f"best.pt holds the last iteration's student ({cfg['max_iters']})")
-            elif cfg['keep_best']:
+            elif keep_best:
                 print(f"no evaluation came within {cfg['entropy_tolerance']:.0%} of the teacher's entropy at no "
                       f"worse GenPPL, so there is no best.pt")
             teacher_rows = rows_at_budgets(f"teacher {cfg['teacher']}", teacher, teacher_budgets(cfg))

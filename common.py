@@ -11,9 +11,13 @@ The plumbing every script shares, kept in one place so the scripts can stay abou
 
 import ast
 import contextlib
+import copy
+import inspect
 from contextlib import nullcontext
 import os
+import pickle
 import random
+import re
 import sys
 
 import numpy as np
@@ -75,9 +79,34 @@ def _read_config_file(path):
     return values
 
 
-def configure(defaults, argv=None):
-    """Return a copy of `defaults` overridden by config files (positional) and --key value / --key=value options."""
+def help_text(defaults, source):
+    """--help: the script's usage lines (the indented commands of its docstring), then its defaults block as the file
+    lays it out (grouped, with the comments), written as options. A script without a block lists its defaults."""
+    text = open(source, encoding='utf-8').read() if source and os.path.isfile(source) else ''
+    doc = ast.get_docstring(ast.parse(text)) if text else None
+    lines = [f"usage: python {os.path.basename(source or 'script.py')} [config file] [--key value | --key=value] ..."]
+    commands = [line for line in (doc or '').splitlines() if line.startswith('    ') and line.strip()[:6] in
+                ('python', 'torchr')]
+    if doc:
+        lines += ['', doc.strip().splitlines()[0], ''] + commands
+    lines += ['', 'options (defaults; types are checked, unknown keys are refused):']
+    block = re.search(r'^# Defaults.*?\n(.*?)^# -{20,}', text, re.S | re.M)
+    if block:
+        for line in block.group(1).splitlines():
+            key = re.match(r'^(\w+) = ', line)
+            lines.append('  --' + line if key else '    ' + line)
+    else:
+        lines += [f"  --{k} {v!r}" for k, v in defaults.items()]
+    return '\n'.join(lines)
+
+
+def configure(defaults, argv=None, source=None):
+    """Return a copy of `defaults` overridden by config files (positional) and --key value / --key=value options.
+    -h / --help prints the options of the calling script (source, default: the caller's file) and exits 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ('-h', '--help') for a in argv):
+        print(help_text(defaults, source or inspect.stack()[1].filename))
+        raise SystemExit(0)
     config = dict(defaults)
 
     def put(key, value):
@@ -191,6 +220,12 @@ class EMA:
             for k, p in unwrap(model).named_parameters():
                 p.copy_(self.shadow[k])
 
+    def averaged_copy(self, model):
+        """A copy of `model` (unwrapped from DDP) carrying the averaged weights, in eval mode: what is evaluated."""
+        net = copy.deepcopy(unwrap(model)).eval()
+        self.copy_to(net)
+        return net
+
     def state_dict(self):
         return dict(self.shadow)
 
@@ -200,10 +235,90 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The loop of a distiller (distill_idlm.py, distill_didi.py, distill_sdtt.py): micro-batches, backward, update
+
+def micro_batches(dataset, cfg, it, phase, rank, world, device):
+    """This rank's micro-batches of one phase of iteration `it`: (real x0~ (B, L), generator). The generator is
+    seeded by (seed, iteration, phase, global micro-batch index), so 1 and N processes, and a resumed run, see the
+    same global batch whatever the number of processes."""
+    local = cfg['grad_accum'] // world
+    for micro in range(local):
+        gen = step_generator(cfg['seed'], it, phase, rank * local + micro, device=device)
+        idx = torch.randint(len(dataset.train), (cfg['batch_size'],), generator=gen, device=device).cpu()
+        yield dataset.batch('train', idx).to(device), gen
+
+
+def accumulate(model, batches, loss_fn, n, device):
+    """Backpropagate the mean of loss_fn(x, gen)[0] over n micro-batches (DDP all-reduces on the last one only).
+    Returns the mean of every value loss_fn returns, as a float64 tensor."""
+    total = 0
+    for i, (x, gen) in enumerate(batches):
+        sync = i == n - 1 or not hasattr(model, 'no_sync')
+        with (nullcontext() if sync else model.no_sync()), autocast(device):
+            losses = loss_fn(x, gen)
+            (losses[0] / n).backward()
+        total = total + torch.stack([l.detach().double() for l in losses]) / n
+    return total
+
+
+def update(model, optimizer, lr, grad_clip):
+    """Set the lr, clip (if grad_clip > 0), step, zero the gradients. Returns the gradient norm."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+def check_finite(values, what, it, ckpt_path, flags):
+    """One sentence instead of a run that silently trains on nan: which loss, when, what to lower, and the last
+    checkpoint, if one was written."""
+    if not torch.isfinite(values).all():
+        last = f"; the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path) else \
+            "; no checkpoint was written yet"
+        raise UserError(f"the {what} loss became {values.tolist()} at iteration {it}: lower {flags}{last}")
+
+
+def every(done, interval):
+    return interval > 0 and done % interval == 0
+
+
+def folder_name(path):
+    return os.path.basename(os.path.normpath(path))
+
+
+def check_batch(cfg, world):
+    """--batch_size and --grad_accum that every process can share."""
+    if cfg['batch_size'] < 1 or cfg['grad_accum'] < 1:
+        raise UserError(f"--batch_size and --grad_accum must be at least 1 (got {cfg['batch_size']} and "
+                        f"{cfg['grad_accum']})")
+    if cfg['grad_accum'] % world:
+        raise UserError(f"--grad_accum {cfg['grad_accum']} is not divisible by the {world} processes; "
+                        f"use a multiple of {world} so every process gets the same number of micro-batches")
+
+
+def check_teacher_data(path, ckpt, dataset, data):
+    """A model trained on data of another vocabulary or length cannot be distilled on this data."""
+    meta = ckpt['data_meta']
+    if (meta['vocab_size'], meta['seq_len']) != (dataset.vocab_size, dataset.seq_len):
+        raise UserError(f"{path} was trained on data of {meta['vocab_size']} tokens and length {meta['seq_len']}, "
+                        f"but --data {data} has {dataset.vocab_size} tokens and length {dataset.seq_len}; "
+                        f"pass the teacher's --data or another checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
 def rng_state():
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    """Every RNG a run draws from, as tensors and plain values only, so the checkpoint loads with
+    torch.load(weights_only=True): numpy's MT19937 key becomes an int64 tensor, Python's state a list of ints."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {'torch': torch.get_rng_state(),
+             'numpy': {'kind': kind, 'key': torch.from_numpy(key.astype(np.int64)), 'pos': int(pos),
+                       'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+             'python': [version, list(internal), gauss]}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -211,52 +326,87 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
-    random.setstate(state['python'])
+    numpy_state = state['numpy']
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state['kind'], numpy_state['key'].numpy().astype(np.uint32), numpy_state['pos'],
+                       numpy_state['has_gauss'], numpy_state['cached_gaussian'])
+    np.random.set_state(numpy_state)
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def save_checkpoint(path, state):
-    """Write atomically: a temporary file in the same directory, then a rename, so a crash never leaves half a file."""
+    """Write atomically and durably: a temporary file in the same directory, flushed to disk (fsync), then a rename,
+    so a crash or a power cut never leaves half a file under the real name."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    if hasattr(os, 'O_DIRECTORY'):  # make the rename itself durable (POSIX)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# Checkpoints written before the RNG state was stored as tensors hold numpy's state as an array: these are the only
+# non-tensor classes let through, and they only rebuild arrays (no callable of the file's choosing can run).
+LEGACY_GLOBALS = [np.ndarray, np.dtype, (np._core if hasattr(np, '_core') else np.core).multiarray._reconstruct,
+                  type(np.dtype(np.uint32))]
 
 
 def load_checkpoint(path):
-    """torch.load with one clear sentence for a missing or unreadable file."""
+    """torch.load(weights_only=True): tensors and plain values only, so loading a checkpoint never runs code from
+    it. One clear sentence for a missing, corrupt or unsafe file."""
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; train one first (python train.py) or fix the path")
     try:
-        # Our checkpoints hold the config, numpy RNG state and python RNG state next to tensors, so they are loaded
-        # fully; only load checkpoints you trust (the official ones go through their own loader).
-        return torch.load(path, map_location='cpu', weights_only=False)
+        with torch.serialization.safe_globals(LEGACY_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e) or 'Unsupported global' in str(e):
+            raise UserError(f"checkpoint {path} holds Python objects other than tensors and plain values (a pickled "
+                            f"class or function), so it was refused unread: loading it could run code. Use a "
+                            f"checkpoint written by this project, or export the weights as safetensors") from None
+        raise UserError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint (UnpicklingError); re-create it "
+                        f"or point to another file") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise UserError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}); "
                         f"re-create it or point to another file") from None
 
 
-def load_model(path, which='ema'):
+def load_model(path, which='ema', kind=None):
     """Rebuild a DiT from one of our checkpoints, or from an official SEDD / MDLM / Duo checkpoint in any layout
     official.py reads (Hugging Face folder, SEDD run folder, Lightning .ckpt). which='ema' takes the averaged
     weights when the file has them. Returns (model, checkpoint); an official one gets a checkpoint-like dict with
-    the same 'teacher', 'config', 'model_config' and 'data_meta' entries, so every script takes either."""
+    the same 'teacher', 'config', 'model_config' and 'data_meta' entries, so every script takes either. kind
+    ('mdlm' | 'duo' | 'sedd') says which model an official file holds when the file itself does not (a Lightning
+    .ckpt without hyper_parameters)."""
     layout = official.detect_layout(path)
     if layout is None and os.path.isdir(path):
         raise UserError(str(official.unknown_layout(path)))
     if layout not in (None, 'ours'):
         try:
-            return official.load_official(path, which)
+            return official.load_official(path, which, kind=kind)
         except official.CheckpointError as e:
             raise UserError(str(e)) from None
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'model' not in ckpt:
         raise UserError(str(official.unknown_layout(path)))
-    model = DiT(DiTConfig(**ckpt['model_config']))
-    weights = ckpt['ema'] if which == 'ema' and ckpt.get('ema') else ckpt['model']
-    model.load_state_dict(weights)
+    try:
+        model = DiT(DiTConfig(**ckpt['model_config']))
+        weights = ckpt['ema'] if which == 'ema' and ckpt.get('ema') else ckpt['model']
+        model.load_state_dict(weights)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AttributeError) as e:
+        raise UserError(f"checkpoint {path} has a model_config or weights that do not make a DiT "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is damaged or was not written by "
+                        f"this project: re-create it") from None
     return model, ckpt

@@ -10,7 +10,7 @@ Four sources, one on-disk format:
    p(x_i | z) of a corrupted sequence z are also computable (forward-backward): the output of a perfectly
    trained x0-predictor (the MDLM loss, IDLM eq. 4, is minimised by x0_hat = p(x0 | x_t), position by position).
 2. Real text that needs no download: the documentation bundled with Python (pydoc_data), byte-level tokens.
-3. Your own text files, tokenised with tiktoken's GPT-2 encoding.
+3. Your own text files, tokenised with tiktoken's GPT-2 encoding, or as bytes (--tokenizer bytes, vocab 256).
 4. An OpenWebText-style corpus (many documents in .txt files or .jsonl lines), streamed the same way, in the
    1024-token blocks the official teachers were trained on, with the last documents held out as validation.
 
@@ -19,9 +19,17 @@ tokens is one training sequence; <dir>/meta.json says how to read them. vocab_si
 an absorbing model adds its mask token (id vocab_size) itself. meta.json is written last, so a directory with a
 meta.json is complete; every file is written to a temporary name first and moved into place (os.replace).
 
+Token ids from anywhere else (another tokenizer, protein sequences, ...) need no code here: write train.bin and
+val.bin with numpy (uint16, blocks of seq_len) and a meta.json of this form, and every script takes the folder:
+    {"vocab_size": 25, "seq_len": 128, "tokenizer": "none",
+     "vocab": ["A", "C", "D", ...],    (optional: one string per id, to decode samples; else ids are printed)
+     "separator": ""}                  (optional: what joins decoded tokens; default " ")
+
     python data.py --dataset synthetic            # -> data/synthetic (the benchmark language)
+    python data.py --dataset synthetic --N 128 --L 48 --K 2 --successors 3 --out data/syn2   # another language
     python data.py --dataset pydoc --seq_len 256  # -> data/pydoc
-    python data.py --dataset text --files a.txt,b.txt --out data/mytext
+    python data.py --dataset text --files a.txt,b.txt --out data/mytext                    # GPT-2 BPE (tiktoken)
+    python data.py --dataset text --files a.txt,b.txt --tokenizer bytes --out data/mybytes # bytes, no download
     python data.py --dataset owt --files /data/openwebtext --out data/owt --val_docs 100000   # a folder or files
 """
 
@@ -300,8 +308,10 @@ def gpt2_encoding():
                         f"in a folder and set TIKTOKEN_CACHE_DIR, or use --dataset pydoc") from e
 
 
-def prepare_text(out_dir, files, seq_len=1024, val_fraction=0.05):
-    """GPT-2 tokens of your text files, EOS after each file, streamed file by file; files: list or 'a,b'."""
+def prepare_text(out_dir, files, seq_len=None, val_fraction=0.05, tokenizer='gpt2'):
+    """Your text files, streamed file by file (files: list or 'a,b'): GPT-2 tokens with EOS after each file
+    (tokenizer 'gpt2', seq_len 1024 by default), or their UTF-8 bytes (tokenizer 'bytes', vocab 256, seq_len 128 by
+    default, no download needed)."""
     if isinstance(files, str):
         files = [name for name in files.split(',') if name]
     if not files:
@@ -309,6 +319,17 @@ def prepare_text(out_dir, files, seq_len=1024, val_fraction=0.05):
     for name in files:
         if not os.path.isfile(name):
             raise DataError(f"text file '{name}' does not exist: check the paths given to --files")
+    if tokenizer not in ('gpt2', 'bytes'):
+        raise DataError(f"--tokenizer is gpt2 or bytes, not {tokenizer!r}")
+    if tokenizer == 'bytes':
+        seq_len = seq_len or 128
+        start_dir(out_dir)
+        chunks = (np.fromfile(name, dtype=np.uint8) for name in files)
+        n_train, n_val = write_splits(out_dir, chunks, seq_len, val_fraction)
+        write_meta(out_dir, dict(vocab_size=256, seq_len=seq_len, tokenizer='bytes', dataset='text', eos_id=None,
+                                 files=[os.path.abspath(n) for n in files], n_train=n_train, n_val=n_val))
+        return out_dir
+    seq_len = seq_len or 1024
     enc = gpt2_encoding()
     check_vocab_fits(enc.n_vocab)
     start_dir(out_dir)
@@ -518,23 +539,50 @@ class TokenData:
         return torch.from_numpy(rows.astype(np.int64))
 
     def language(self):
-        """The SyntheticLanguage that generated this data, or None for text."""
+        """The SyntheticLanguage that generated this data, or None for text (built once, then kept)."""
         if self.meta['tokenizer'] != 'synthetic':
             return None
-        return SyntheticLanguage.from_meta(self.meta['language'])
+        if getattr(self, '_language', None) is None:
+            self._language = SyntheticLanguage.from_meta(self.meta['language'])
+        return self._language
 
     def decode(self, ids):
-        """(B, L) or (L,) ids -> list of strings. Synthetic tokens are written as space-separated ids; ids
-        outside the vocabulary (a leftover mask) appear as '□'."""
+        """(B, L) or (L,) ids -> list of strings. Synthetic tokens (and 'none' tokens without a "vocab" list) are
+        written as space-separated ids; ids outside the vocabulary (a leftover mask) appear as '□'."""
         ids = np.atleast_2d(torch.as_tensor(ids).cpu().numpy())
         kind = self.meta['tokenizer']
-        if kind == 'synthetic':
+        if kind == 'synthetic' or (kind == 'none' and 'vocab' not in self.meta):
             return [' '.join(str(t) if t < self.vocab_size else '□' for t in row) for row in ids]
+        if kind == 'none':
+            names, sep = self.meta['vocab'], self.meta.get('separator', ' ')
+            return [sep.join(names[t] if t < self.vocab_size else '□' for t in row) for row in ids]
         to_text = ((lambda run: bytes(run).decode('utf-8', errors='replace')) if kind == 'bytes'
                    else (lambda run: gpt2_encoding().decode(run)))
         in_vocab = lambda t: 0 <= t < self.vocab_size
         return [''.join(to_text(list(run)) if ok else '□' * len(list(run))
                         for ok, run in itertools.groupby(row, in_vocab)) for row in ids.tolist()]
+
+
+TOKENIZERS = ('synthetic', 'bytes', 'gpt2', 'none')
+
+
+def check_meta(meta, meta_path):
+    """One sentence for each way a meta.json can be wrong."""
+    if meta.get('tokenizer') not in TOKENIZERS:
+        raise DataError(f"{meta_path} says tokenizer {meta.get('tokenizer')!r}, not one of {', '.join(TOKENIZERS)}; "
+                        f"for token ids of another tokenizer write \"tokenizer\": \"none\" (and optionally a "
+                        f"\"vocab\" list of strings to decode them)")
+    if meta['vocab_size'] < 2 or meta['seq_len'] < 1:
+        raise DataError(f"{meta_path} says vocab_size {meta['vocab_size']} and seq_len {meta['seq_len']}; both must be "
+                        f"positive (vocab_size at least 2)")
+    vocab = meta.get('vocab')
+    if vocab is not None and (not isinstance(vocab, list) or len(vocab) != meta['vocab_size']
+                              or not all(isinstance(t, str) for t in vocab)):
+        raise DataError(f"{meta_path}: \"vocab\" must be a list of {meta['vocab_size']} strings (one per id), or "
+                        f"left out")
+    if meta['tokenizer'] == 'synthetic' and not isinstance(meta.get('language'), dict):
+        raise DataError(f"{meta_path} says tokenizer 'synthetic' but has no language parameters; write it with "
+                        f"`python data.py --dataset synthetic`, or use \"tokenizer\": \"none\" for your own ids")
 
 
 def read_split(path, split, seq_len):
@@ -558,13 +606,14 @@ def load_data(path):
         with open(meta_path) as f:
             meta = json.load(f)
         vocab_size, seq_len = int(meta['vocab_size']), int(meta['seq_len'])
-        if meta['tokenizer'] not in ('synthetic', 'bytes', 'gpt2') or seq_len <= 0:
-            raise ValueError(meta)
     except FileNotFoundError:
-        raise DataError(f"{meta_path} is missing: prepare the directory with `python data.py`") from None
+        raise DataError(f"{meta_path} is missing: prepare the directory with `python data.py`, or write one "
+                        f"(data.py's docstring shows the form)") from None
     except (ValueError, KeyError, TypeError):
-        raise DataError(f"{meta_path} is corrupt or incomplete: prepare the directory again with "
-                        f"`python data.py`") from None
+        raise DataError(f"{meta_path} is not JSON with integer vocab_size and seq_len: prepare the directory again "
+                        f"with `python data.py`, or fix the file (data.py's docstring shows the form)") from None
+    meta.update(vocab_size=vocab_size, seq_len=seq_len)
+    check_meta(meta, meta_path)
     check_vocab_fits(vocab_size)
     train, val = read_split(path, 'train', seq_len), read_split(path, 'val', seq_len)
     if int(train[0].max()) >= vocab_size:
@@ -581,7 +630,8 @@ def main(argv=None):
     defaults = dict(dataset='synthetic', out='', files='', seq_len=0, val_fraction=0.05,
                     num_train=200_000, num_val=2_000, seed=0, language_seed=0,
                     N=64, L=64, K=4, successors=4, floor=0.01, concentration=1.0,
-                    val_docs=0, frame=True, threads=8, text_field='text')   # the last four: --dataset owt
+                    val_docs=0, frame=True, threads=8, text_field='text',   # these four: --dataset owt
+                    tokenizer='gpt2')                                      # --dataset text: gpt2 | bytes
     try:
         cfg = configure(defaults, argv)
         if cfg['dataset'] == 'synthetic':
@@ -593,6 +643,8 @@ def main(argv=None):
                 kw['seq_len'] = cfg['seq_len']
             if cfg['dataset'] in ('text', 'owt'):
                 kw['files'] = cfg['files']
+            if cfg['dataset'] == 'text':
+                kw['tokenizer'] = cfg['tokenizer']
             if cfg['dataset'] == 'owt':
                 kw.update({k: cfg[k] for k in ('val_docs', 'frame', 'threads', 'text_field')})
         out = prepare(cfg['dataset'], cfg['out'] or None, **kw)

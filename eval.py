@@ -1,12 +1,15 @@
 """
-Judging what a model generates in K steps, the way both papers do, plus the truth where we have it.
+Judging what a model generates in K steps, the way both papers do, plus the truth where we have it; and the one
+place where every distiller (distill_idlm.py, distill_didi.py, distill_sdtt.py) gets its rows, tables, verdicts,
+snapshot choice and plots, so that their numbers are comparable by construction.
 
     python eval.py --ckpt out/mdlm-synthetic --steps 4,8,16,64,256,1024     # teacher rows + exact-denoiser floor
-    python eval.py --ckpt out/mdlm-synthetic,out/idlm-mdlm --steps 4,8,16   # several checkpoints side by side
     python eval.py --ckpt out/mdlm-pydoc --data pydoc --judge out/ar-pydoc  # real text: an AR judge instead
     python eval.py --ckpt path/to/mdlm-owt --data data/owt --judge gpt2:path/to/gpt2-large --steps 16,64,1024
-    python eval.py --ckpt out/didi-mdlm-synthetic,out/idlm-mdlm-synthetic --disc out/didi-mdlm-synthetic --steps 8,16
-                                                  # + RGAS rows for every MDLM model, guided by a DiDi discriminator
+    python eval.py --ckpt out/didi-mdlm-synthetic --disc out/didi-mdlm-synthetic --steps 8,16   # + RGAS rows
+    python eval.py --teacher out/mdlm-synthetic,out/duo-synthetic --teacher_steps 64,1024 --steps 4,8,16,32 \\
+        --ckpt sdtt=out/sdtt-mdlm-synthetic,idlm=out/idlm-mdlm-s0+out/idlm-mdlm-s1,dcd=out/dcd-duo-synthetic \\
+        --streams 3 --greedy_tail both --out out/compare                  # the comparison of every method
 
 Metrics for a batch of generated sequences x (num_samples, L):
   true GenPPL   exp(mean over sequences of -log p_true(x) / L), on the synthetic language only: exact, no judge.
@@ -18,10 +21,19 @@ Metrics for a batch of generated sequences x (num_samples, L):
                 sequences (both papers' definition). Low GenPPL with low entropy is repetition, not quality.
   NELBO PPL     exp(validation NELBO per token) of the checkpoint (zero-shot likelihood, DiDi Table 7).
   latency       seconds per sequence and tokens per second of the whole K-step sampler.
-With --disc, every MDLM checkpoint also gets RGAS rows (sample.generate_rgas, DiDi eq. 10-11), drawn from the same
-noise seed as its plain rows; the discriminator's calls are not counted in NFE but are in the latency.
-Every row is sampled in float64 (sample.py). The sweep writes <out>/results.json, <out>/table.md and, if
-matplotlib is installed, <out>/plot.png (GenPPL and entropy against steps, one line per model).
+
+Noise. A few-step GenPPL of 256 samples moves by several percent from one noise stream to the next, so every cell
+is drawn from --streams noise streams (stream s seeds the sampler with (seed + s, K): every model sees the same
+noise at a given K and stream) and reported as mean +- sd. Several checkpoints of one label (`label=a+b`, training
+seeds) are pooled into the same cell. Only a difference larger than these sds is a difference.
+
+Verdicts. A student row matches its teacher (the row of a --teacher of the same kind with the most steps) when
+its GenPPL is no worse and its entropy is within --entropy_tolerance below; both halves are printed, because a
+sampler can always buy GenPPL with entropy. The frontier plot (GenPPL against entropy, one curve per model over K)
+shows that trade at a glance.
+
+Every row is sampled in float64 (sample.py). A run writes <out>/results.json, <out>/table.md, and with matplotlib
+<out>/plot.png (GenPPL and entropy against steps) and <out>/frontier.png.
 """
 
 import json
@@ -30,6 +42,7 @@ import os
 import time
 
 import torch
+from tqdm import tqdm
 
 import common
 from common import UserError
@@ -41,27 +54,39 @@ from sample import StudentScores, exact_denoiser, generate, generate_rgas, load_
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value)
-ckpt = ''                 # comma-separated checkpoints; 'exact' adds the synthetic language's exact denoiser
+ckpt = ''                 # comma-separated models: a checkpoint, label=checkpoint, or label=ckpt1+ckpt2 (training
+                          # seeds pooled into one row); 'exact' adds the synthetic language's exact denoiser
+teacher = ''              # comma-separated teachers: evaluated at --steps and --teacher_steps; students are judged
+                          # against the teacher of their kind at its most steps
+teacher_steps = ''        # extra budgets for the teachers, e.g. 64,256,1024
 kind = 'mdlm'             # the sampler of --ckpt exact: mdlm | sedd | duo
+teacher_kind = ''         # mdlm | duo | sedd: what an official Lightning .ckpt without hyper_parameters holds
 data = 'synthetic'        # held-out data: the reference row, NELBO, and the language for true GenPPL
 steps = '4,8,16,64,256,1024'
 num_samples = 256
+streams = 1               # noise streams per cell (mean +- sd); 3 or more for a comparison
 batch_size = 64
 seed = 0
 judge = ''                # an AR checkpoint (train.py --teacher ar), or gpt2:FOLDER (GPT-2, e.g. gpt2-large); '' = none
 floor = True              # on synthetic data, add the exact denoiser's rows (the best any K-step sampler can do)
 nelbo_batches = 16        # validation batches for the NELBO perplexity (0: skip)
+entropy_tolerance = 0.02  # verdicts: a student may lose this fraction of its teacher's entropy
 fused = True
 sampler = 'analytic'      # SEDD only
-greedy_tail = False       # Duo only
+greedy_tail = 'no'        # Duo only: no | yes | both (both rows, as the papers report both)
 disc = ''                 # a DiDi-Instruct checkpoint: its discriminator guides extra RGAS rows of every MDLM model
 rgas_h = 30.0             # RGAS (sample.generate_rgas): the tilt of the first steps, ramped from 0
 rgas_tilt = 0.5           # fraction of the steps that tilt; the rest re-rank rgas_candidates candidates
 rgas_candidates = 4
+rgas_select = 'max'       # re-ranking: 'max' keeps the candidate with the highest reward (DiDi App. F.3), 'softmax'
+                          # draws one from the softmax of the rewards
+rgas_reward = 'mean'      # the reward of eq. 6: 'mean' or 'sum' of the log-ratio over the masked positions
 out = 'out/eval'
 device = 'auto'
 # ----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+TAILS = {'no': (False,), 'false': (False,), 'yes': (True,), 'true': (True,), 'both': (False, True)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,30 +129,13 @@ def nelbo_perplexity(ckpt_path, dataset, batches, device):
     return math.exp(train.evaluate(model.to(device), objective, dataset, cfg, 0, 1, device))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The sweep
-
-def targets(cfg, language, device):
-    """(label, net, kind, schedule, checkpoint path or None) for every model in --ckpt, plus the floor."""
-    names = [c for c in cfg['ckpt'].split(',') if c]
-    if cfg['floor'] and language is not None and 'exact' not in names:
-        names.append('exact')
-    for name in names:
-        if name == 'exact':
-            if language is None:
-                raise UserError("--ckpt exact needs synthetic data with a known language")
-            yield f"exact {cfg['kind']} denoiser", exact_denoiser(language, cfg['kind']), cfg['kind'], 'loglinear', None
-        else:
-            net, kind, N, L, meta, schedule = load_sampler(name, device)
-            yield os.path.basename(os.path.normpath(name)), net, kind, schedule, name
-
-
 def genppl_key(row):
     """The GenPPL a row carries: 'genppl_true' on the synthetic language, else 'genppl_judge', else None."""
     return next((k for k in ('genppl_true', 'genppl_judge') if k in row), None)
 
 
-def evaluate_samples(x, language, judge, bos_id):
+def score(x, language, judge, bos_id):
+    """The metrics of one batch of samples x (n, L): entropy, and true / judge GenPPL where they exist."""
     row = {'entropy': sample_entropy(x)}
     if language is not None:
         row['genppl_true'] = true_genppl(language, x)
@@ -154,49 +162,133 @@ def load_judge(spec, dataset, data_name, device):
     return judge.to(device).eval()
 
 
-def draw(cfg, net, kind, schedule, disc, K, L, N, generator):
-    """--num_samples sequences in K steps: the model's own sampler, or RGAS guided by disc (MDLM only)."""
-    if disc is not None:
-        return generate_rgas(net, disc, cfg['num_samples'], L, K, N, generator, batch_size=cfg['batch_size'],
-                             h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'], candidates=cfg['rgas_candidates'],
-                             fused=cfg['fused'], progress=False)
-    return generate(net, kind, cfg['num_samples'], L, K, N, generator, batch_size=cfg['batch_size'],
-                    fused=cfg['fused'], sampler=cfg['sampler'] if kind == 'sedd' else None,
-                    greedy_tail=cfg['greedy_tail'] and kind == 'duo', schedule=schedule, progress=False)
+# ----------------------------------------------------------------------------------------------------------------
+# Rows: one model at K steps, over noise streams
 
-
-def sweep(cfg):
-    _, _, device = common.setup_distributed(cfg['device'])
-    dataset = load_data(ensure_data(cfg['data']))
-    language, N, L = dataset.language(), dataset.vocab_size, dataset.seq_len
-    judge = load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
+def budgets(text, flag):
+    """'4,8,16' -> [4, 8, 16], with one sentence for anything else."""
     try:
-        step_list = [int(s) for s in cfg['steps'].split(',') if s]
+        steps = [int(s) for s in text.split(',') if s.strip()]
     except ValueError:
-        raise UserError(f"--steps takes comma-separated integers such as 4,8,16, not {cfg['steps']!r}") from None
+        steps = None
+    if steps is None or any(k < 1 for k in steps):
+        raise UserError(f"{flag} takes comma-separated integers >= 1 such as 4,8,16, not {text!r}")
+    return steps
 
-    reference = dataset.batch('val', torch.arange(min(cfg['num_samples'], len(dataset.val))))
-    rows = [{'model': 'data (held out)', 'steps': 0, **evaluate_samples(reference, language, judge, N)}]
-    print(format_row(rows[0]))
-    disc = load_discriminator(cfg['disc'], N, device) if cfg['disc'] else None
-    for label, net, kind, schedule, path in targets(cfg, language, device):
-        extra = {}
-        if path is not None and cfg['nelbo_batches'] > 0:
-            extra['nelbo_ppl'] = nelbo_perplexity(path, dataset, cfg['nelbo_batches'], device)
-        guides = [None] + ([disc] if disc is not None and kind == 'mdlm' and path is not None else [])
-        for guide in guides:
-            for K in step_list:
-                generator = common.step_generator(cfg['seed'], K, device=device)
+
+class Bench:
+    """What every row is drawn and scored with: the data's held-out set, the language (true GenPPL) or a judge,
+    the number of samples, the noise seed, and the RGAS settings. A distiller builds one from its config, so its
+    rows are the rows eval.py would print for the same checkpoint and seed."""
+
+    def __init__(self, dataset, judge, num_samples, batch_size, seed, device, rgas=None, fused=True,
+                 sampler='analytic'):
+        self.dataset, self.language, self.judge = dataset, dataset.language(), judge
+        self.N, self.L = dataset.vocab_size, dataset.seq_len
+        self.num_samples, self.batch_size, self.seed, self.device = num_samples, batch_size, seed, device
+        self.rgas = rgas or {}
+        self.fused, self.sampler = fused, sampler
+
+    def score(self, x):
+        return score(x.cpu(), self.language, self.judge, self.N)
+
+    def data_row(self):
+        """The held-out data's own row: what a perfect sampler scores."""
+        x = self.dataset.batch('val', torch.arange(min(self.num_samples, len(self.dataset.val))))
+        return {'model': 'data (held out)', 'role': 'data', 'steps': 0, **self.score(x)}
+
+    def draw(self, net, kind, K, generator, schedule='loglinear', disc=None, greedy_tail=False, progress=False):
+        """num_samples sequences in K steps: the model's own sampler, or RGAS guided by disc (MDLM only)."""
+        if disc is not None:
+            return generate_rgas(net, disc, self.num_samples, self.L, K, self.N, generator,
+                                 batch_size=self.batch_size, fused=self.fused, progress=progress, **self.rgas)
+        return generate(net, kind, self.num_samples, self.L, K, self.N, generator, batch_size=self.batch_size,
+                        fused=self.fused, sampler=self.sampler if kind == 'sedd' else None,
+                        greedy_tail=greedy_tail, schedule=schedule, progress=progress)
+
+
+def mean_sd(values):
+    """(mean, sample sd) of a list of floats; sd 0 for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def pooled_row(label, parts, streams_per_part):
+    """One cell from the rows of several (checkpoint, stream) draws: every metric as mean and sd."""
+    row = {k: v for k, v in parts[0].items() if not isinstance(v, float)}
+    row.update(model=label, streams=streams_per_part, draws=len(parts))
+    for key in ('genppl_true', 'genppl_judge', 'entropy', 'nfe', 'sec_per_seq', 'tok_per_sec', 'nelbo_ppl'):
+        if key in parts[0]:
+            row[key], sd = mean_sd([p[key] for p in parts])
+            if key in ('genppl_true', 'genppl_judge', 'entropy') and len(parts) > 1:
+                row[key + '_sd'] = sd
+    row['per_draw'] = [{k: p[k] for k in ('genppl_true', 'genppl_judge', 'entropy') if k in p} for p in parts]
+    return row
+
+
+def model_rows(bench, label, nets, kind, steps, streams, schedule='loglinear', disc=None, greedy_tail=False,
+               role='student', extra=None, progress=False):
+    """One row per K in steps for a model (nets: one network, or several training seeds of it), each the mean and
+    sd over `streams` (a list of stream numbers) x nets. Printed as they come. -> list of row dicts"""
+    nets = nets if isinstance(nets, (list, tuple)) else [nets]
+    rows = []
+    for K in steps:
+        parts = []
+        for net in nets:
+            for s in streams:
+                generator = common.step_generator(bench.seed + s, K, device=bench.device)
                 start = time.time()
-                x, nfe = draw(cfg, net, kind, schedule, guide, K, L, N, generator)
+                x, nfe = bench.draw(net, kind, K, generator, schedule, disc, greedy_tail, progress)
                 seconds = time.time() - start
-                row = {'model': label if guide is None else f"{label} + RGAS", 'steps': K, 'nfe': nfe,
-                       **evaluate_samples(x.cpu(), language, judge, N), 'sec_per_seq': seconds / len(x),
-                       'tok_per_sec': x.numel() / seconds, **extra}
-                rows.append(row)
-                print(format_row(row))
-    return rows, language
+                parts.append({'role': role, 'kind': kind, 'greedy_tail': greedy_tail, 'steps': K, 'nfe': nfe,
+                              **bench.score(x),
+                              'sec_per_seq': seconds / len(x), 'tok_per_sec': x.numel() / seconds, **(extra or {})})
+        rows.append(pooled_row(label, parts, len(streams)))
+        tqdm.write(format_row(rows[-1]))
+    return rows
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Verdicts and the choice of a snapshot
+
+def matches(row, reference, tolerance):
+    """The target: GenPPL no worse than the reference's (the teacher at its most steps) and entropy at least
+    (1 - tolerance) times its entropy. GenPPL is the true one, else the judge's."""
+    key = genppl_key(row)
+    return key is not None and row[key] <= reference[key] and row['entropy'] >= (1 - tolerance) * reference['entropy']
+
+
+def better(row, best, reference, tolerance):
+    """Does this evaluation row replace best? It must match the reference; then the lower GenPPL wins."""
+    return matches(row, reference, tolerance) and (best is None or row[genppl_key(row)] < best[genppl_key(row)])
+
+
+def reference_row(rows, kind=None, greedy_tail=False):
+    """The teacher's row with the most steps (of the given kind, and sampled with the same greedy tail): what a
+    student is judged against, or None."""
+    teachers = [r for r in rows if r.get('role') == 'teacher' and kind in (None, r.get('kind'))
+                and r.get('greedy_tail', False) == greedy_tail]
+    return max(teachers, key=lambda r: r['steps'], default=None)
+
+
+def verdicts(rows, tolerance):
+    """One line per plain student row: its GenPPL and entropy against its teacher's row with the most steps, and
+    whether it matches() it."""
+    lines = []
+    for r in rows:
+        ref = reference_row(rows, r.get('kind'), r.get('greedy_tail', False))
+        if r.get('role') != 'student' or ref is None or genppl_key(ref) is None or 'RGAS' in r['model']:
+            continue
+        key, change = genppl_key(ref), 100 * (r['entropy'] / ref['entropy'] - 1)
+        lines.append(f"- {r['model']} at {r['steps']} steps: GenPPL {fmt_value(r, key)} vs {fmt_value(ref, key)}, "
+                     f"entropy {fmt_value(r, 'entropy')} vs {fmt_value(ref, 'entropy')} ({change:+.2f}%) against "
+                     f"{ref['model']} at {ref['steps']} steps: {'matched' if matches(r, ref, tolerance) else 'not matched'}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
 
 COLUMNS = [('model', 'model', '{}'), ('steps', 'steps', '{}'), ('nfe', 'NFE', '{:.1f}'),
            ('genppl_true', 'true GenPPL', '{:.3f}'), ('genppl_judge', 'judge GenPPL', '{:.2f}'),
@@ -204,65 +296,274 @@ COLUMNS = [('model', 'model', '{}'), ('steps', 'steps', '{}'), ('nfe', 'NFE', '{
            ('sec_per_seq', 's/seq', '{:.4f}'), ('tok_per_sec', 'tok/s', '{:.0f}')]
 
 
+def fmt_value(row, key):
+    """A metric as text, with '± sd' when the row pools several draws."""
+    fmt = next(f for k, _, f in COLUMNS if k == key)
+    text = fmt.format(row[key])
+    return text + (f" ± {fmt.format(row[key + '_sd'])}" if key + '_sd' in row else '')
+
+
 def format_row(row):
-    return '  '.join(f"{title} {fmt.format(row[key])}" for key, title, fmt in COLUMNS if key in row)
+    return '  '.join(f"{title} {fmt_value(row, key)}" for key, title, _ in COLUMNS if key in row)
 
 
-def markdown_table(rows, language):
+def markdown_table(rows, language, num_samples=None):
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     lines = ['| ' + ' | '.join(title for _, title, _ in cols) + ' |', '|' + '---|' * len(cols)]
     for r in rows:
-        lines.append('| ' + ' | '.join(fmt.format(r[k]) if k in r else '' for k, _, fmt in cols) + ' |')
+        lines.append('| ' + ' | '.join(fmt_value(r, k) if k in r else '' for k, _, _ in cols) + ' |')
+    draws = sorted({r['draws'] for r in rows if 'draws' in r})
+    if draws and draws != [1]:
+        lines.append(f"\nEach cell: mean ± sd over {' or '.join(map(str, draws))} draws (noise streams x training "
+                     f"seeds where a model has several)" + (f" of {num_samples} samples each." if num_samples else "."))
     if language is not None:
         H = language.entropy_rate()[0]
         lines.append(f"\nexp(H) = {math.exp(H):.3f}: the true GenPPL of the language itself (H = {H:.4f} nats/token).")
     return '\n'.join(lines) + '\n'
 
 
-def plot(rows, path):
-    """GenPPL and entropy against steps, one line per model; the held-out data as dashed lines."""
+def results_table(rows, bench, out_dir, tolerance=0.02, name='results.md'):
+    """The held-out data's row above rows, then the verdicts: printed and saved as out_dir/name. -> all rows"""
+    rows = [bench.data_row()] + rows
+    table = markdown_table(rows, bench.language, bench.num_samples) + '\n' + '\n'.join(verdicts(rows, tolerance)) + '\n'
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), 'w') as f:
+        f.write(table)
+    print('\n' + table)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots (matplotlib, optional: without it a line says so and the numbers are in the tables)
+
+def pyplot():
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+
+
+YLABEL = {'genppl_true': 'true GenPPL', 'genppl_judge': 'judge GenPPL', 'entropy': 'entropy (nats)'}
+
+
+def plot_sweep(rows, path):
+    """GenPPL and entropy against steps, one line per model (error bars: sd over draws); data as dashed lines."""
+    plt = pyplot()
+    data = next((r for r in rows if r.get('role') == 'data'), None)
+    key = genppl_key(rows[-1])
+    if plt is None:
         return
-    key = genppl_key(rows[0])
     panels = ([key] if key else []) + ['entropy']
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
-    axes = axes if len(panels) > 1 else [axes]
-    models = [m for m in dict.fromkeys(r['model'] for r in rows) if m != 'data (held out)']
-    for ax, k in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    models = [m for m in dict.fromkeys(r['model'] for r in rows if r.get('role') != 'data')]
+    for ax, k in zip(axes[0], panels):
         for m in models:
-            pts = [(r['steps'], r[k]) for r in rows if r['model'] == m]
-            ax.plot(*zip(*pts), marker='o', label=m)
-        ax.axhline(rows[0][k], color='k', ls='--', lw=1, label='data')
+            pts = [r for r in rows if r['model'] == m]
+            ax.errorbar([r['steps'] for r in pts], [r[k] for r in pts], [r.get(k + '_sd', 0) for r in pts],
+                        marker='o', capsize=2, label=m)
+        if data is not None:
+            ax.axhline(data[k], color='k', ls='--', lw=1, label='data')
         ax.set_xscale('log', base=2)
         ax.set_xlabel('sampling steps K')
-        ax.set_ylabel({'genppl_true': 'true GenPPL', 'genppl_judge': 'judge GenPPL', 'entropy': 'entropy (nats)'}[k])
+        ax.set_ylabel(YLABEL[k])
         if k != 'entropy':
             ax.set_yscale('log')
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
+
+
+def plot_frontier(rows, path):
+    """GenPPL against entropy, one curve per model over K (each point labelled with its K): a method that buys
+    GenPPL with entropy moves left along its curve. The held-out data is the star to reach."""
+    plt = pyplot()
+    key = genppl_key(rows[-1])
+    if plt is None or key is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for m in dict.fromkeys(r['model'] for r in rows if r.get('role') != 'data'):
+        pts = sorted((r for r in rows if r['model'] == m), key=lambda r: r['steps'])
+        line = ax.errorbar([r['entropy'] for r in pts], [r[key] for r in pts], [r.get(key + '_sd', 0) for r in pts],
+                           [r.get('entropy_sd', 0) for r in pts], marker='o', ms=3, capsize=2, label=m)
+        for r in pts:
+            ax.annotate(str(r['steps']), (r['entropy'], r[key]), fontsize=6, color=line[0].get_color(),
+                        xytext=(2, 2), textcoords='offset points')
+    data = next((r for r in rows if r.get('role') == 'data'), None)
+    if data is not None:
+        ax.plot([data['entropy']], [data[key]], 'k*', ms=12, label='data (held out)')
+    ax.set_yscale('log')
+    ax.set_xlabel('entropy (nats): higher is more diverse')
+    ax.set_ylabel(f"{YLABEL[key]}: lower is better")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plot_history(history, reference, path, tolerance=0.02):
+    """A distiller's evaluations against iterations: GenPPL and entropy of the EMA student, one line per K (RGAS
+    dashed; error bars: sd over streams), with the teacher at its most steps (reference) as the line to match and,
+    for entropy, the tolerance band below it."""
+    plt = pyplot()
+    evals = history['eval']
+    if plt is None or not evals:
+        return
+    key = genppl_key(evals[0])
+    panels = ([key] if key else []) + ['entropy']
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, k in zip(axes[0], panels):
+        for label in dict.fromkeys(r['series'] for r in evals):
+            for K in sorted({r['steps'] for r in evals}):
+                pts = [r for r in evals if r['steps'] == K and r['series'] == label]
+                if pts:
+                    ax.errorbar([r['iter'] for r in pts], [r[k] for r in pts], [r.get(k + '_sd', 0) for r in pts],
+                                marker='o', ms=3, capsize=2, ls='--' if 'RGAS' in label else '-',
+                                label=f"{label}, {K} steps")
+        if reference is not None:
+            ax.axhline(reference[k], color='k', ls=':', lw=1.5, label=f"teacher, {reference['steps']} steps")
+            if k == 'entropy':
+                ax.axhspan((1 - tolerance) * reference[k], reference[k], color='k', alpha=0.08,
+                           label=f"within {tolerance:.0%} of the teacher")
+        ax.set_xlabel('iteration')
+        ax.set_ylabel(YLABEL[k])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A distiller's evaluation: periodic rows, best.pt, the final table
+
+class Evaluator:
+    """What distill_*.py calls: rows of the EMA student every eval_interval iterations on the selection streams,
+    best.pt among them, and the final table on the report streams, with the teacher and the plots. The selection
+    streams and the report streams are disjoint, so the table is not the sample a snapshot was chosen on."""
+
+    def __init__(self, bench, cfg, kind, schedule='loglinear'):
+        self.bench, self.cfg, self.kind, self.schedule = bench, cfg, kind, schedule
+        n = cfg['eval_streams']
+        self.report_streams, self.select_streams = list(range(1, n + 1)), list(range(101, 101 + n))
+
+    def steps(self):
+        return budgets(self.cfg['eval_steps'], '--eval_steps')
+
+    def teacher_steps(self):
+        return sorted(set(self.steps()) | set(budgets(self.cfg['teacher_steps'], '--teacher_steps')))
+
+    def rows(self, label, net, select, steps=None, disc=None, role='student', greedy_tail=False):
+        return model_rows(self.bench, label, net, self.kind, steps or self.steps(),
+                          self.select_streams if select else self.report_streams, self.schedule, disc,
+                          greedy_tail, role)
+
+    def reference(self, teacher, steps):
+        """The teacher's row at its most steps on the selection streams: what best.pt must stay near."""
+        return self.rows(f"teacher {self.kind}", teacher, True, steps[-1:], role='teacher')[0]
+
+    def periodic(self, history, done, series):
+        """series: {label: (net, disc or None)} -> the rows, appended to history['eval']."""
+        rows = []
+        for label, (net, disc) in series.items():
+            for r in self.rows(f"student @{done} ({label})", net, True, disc=disc):
+                rows.append({'iter': done, 'series': label, **r})
+        history['eval'] += rows
+        return rows
+
+    def final(self, teacher, students, out_dir, history, tails=(False,)):
+        """students: [(label, net, disc or None)]. The teacher at every budget, the students, the data row,
+        verdicts -> results.md; history.png. tails: Duo's greedy tail off and/or on."""
+        rows = []
+        for tail in tails:
+            suffix = ' + greedy tail' if tail else ''
+            rows += self.rows(f"teacher {self.kind}{suffix}", teacher, False, self.teacher_steps(), role='teacher',
+                              greedy_tail=tail)
+            for label, net, disc in students:
+                rows += self.rows(label + suffix, net, False, disc=disc, greedy_tail=tail)
+        rows = results_table(rows, self.bench, out_dir, self.cfg['entropy_tolerance'])
+        plot_history(history, reference_row(rows), os.path.join(out_dir, 'history.png'),
+                     self.cfg['entropy_tolerance'])
+        return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: a sweep of models, or the comparison of every method
+
+def parse_models(spec):
+    """'a,label=b,label2=c+d' -> [(label, [paths])]; a bare path is labelled by its folder name."""
+    models = []
+    for entry in (e for e in spec.split(',') if e):
+        label, _, paths = entry.rpartition('=')
+        paths = [p for p in paths.split('+') if p]
+        models.append((label or common.folder_name(paths[0]), paths))
+    return models
+
+
+def sweep(cfg):
+    _, _, device = common.setup_distributed(cfg['device'])
+    dataset = load_data(ensure_data(cfg['data']))
+    language = dataset.language()
+    judge = load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
+    steps, extra = budgets(cfg['steps'], '--steps'), budgets(cfg['teacher_steps'], '--teacher_steps')
+    if cfg['greedy_tail'] not in TAILS:
+        raise UserError(f"--greedy_tail is no, yes or both, not {cfg['greedy_tail']!r}")
+    if cfg['streams'] < 1:
+        raise UserError("--streams must be at least 1")
+    rgas = dict(h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'], candidates=cfg['rgas_candidates'],
+                select=cfg['rgas_select'], reward=cfg['rgas_reward'])
+    bench = Bench(dataset, judge, cfg['num_samples'], cfg['batch_size'], cfg['seed'], device, rgas, cfg['fused'],
+                  cfg['sampler'])
+    disc = load_discriminator(cfg['disc'], dataset.vocab_size, device) if cfg['disc'] else None
+    streams = list(range(1, cfg['streams'] + 1))
+    models = [(label, paths, 'teacher') for label, paths in parse_models(cfg['teacher'])] + \
+             [(label, paths, 'student') for label, paths in parse_models(cfg['ckpt'])]
+    kinds, rows = [], []
+    print(format_row(bench.data_row()))
+    for label, paths, role in models:
+        if paths == ['exact']:
+            continue
+        loaded = [load_sampler(p, device, cfg['teacher_kind']) for p in paths]
+        net, kind, schedule = [m[0] for m in loaded], loaded[0][1], loaded[0][5]
+        kinds.append(kind)
+        nelbo = {}
+        if cfg['nelbo_batches'] > 0:
+            nelbo['nelbo_ppl'] = mean_sd([nelbo_perplexity(p, dataset, cfg['nelbo_batches'], device) for p in paths])[0]
+        model_steps = sorted(set(steps) | set(extra)) if role == 'teacher' else steps
+        for tail in TAILS[cfg['greedy_tail']] if kind == 'duo' else (False,):
+            rows += model_rows(bench, label + (' + greedy tail' if tail else ''), net, kind, model_steps, streams,
+                               schedule, None, tail, role, nelbo)
+        if disc is not None and kind == 'mdlm':
+            rows += model_rows(bench, f"{label} + RGAS", net, kind, steps, streams, disc=disc, role=role)
+    wanted_floor = cfg['floor'] or any(paths == ['exact'] for _, paths, _ in models)
+    if wanted_floor and language is not None:
+        for kind in dict.fromkeys(kinds or [cfg['kind']]):
+            rows += model_rows(bench, f"exact {kind} denoiser", exact_denoiser(language, kind), kind, steps, streams,
+                               role='floor')
+    elif any(paths == ['exact'] for _, paths, _ in models):
+        raise UserError("--ckpt exact needs synthetic data with a known language")
+    return rows, bench
 
 
 def main(argv=None):
     cfg = common.configure(DEFAULTS, argv)
-    if not cfg['ckpt'] and not cfg['floor']:
-        raise UserError("pass --ckpt (comma-separated checkpoints, or 'exact')")
-    rows, language = sweep(cfg)
-    os.makedirs(cfg['out'], exist_ok=True)
+    if not cfg['ckpt'] and not cfg['teacher'] and not cfg['floor']:
+        raise UserError("pass --ckpt (comma-separated checkpoints, or 'exact') or --teacher")
+    rows, bench = sweep(cfg)
+    rows = results_table(rows, bench, cfg['out'], cfg['entropy_tolerance'], name='table.md')
     with open(os.path.join(cfg['out'], 'results.json'), 'w') as f:
         json.dump({'config': cfg, 'rows': rows}, f, indent=1)
-    table = markdown_table(rows, language)
-    with open(os.path.join(cfg['out'], 'table.md'), 'w') as f:
-        f.write(table)
-    print('\n' + table)
-    plot(rows, os.path.join(cfg['out'], 'plot.png'))
+    plot_sweep(rows, os.path.join(cfg['out'], 'plot.png'))
+    plot_frontier(rows, os.path.join(cfg['out'], 'frontier.png'))
 
 
 if __name__ == '__main__':

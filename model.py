@@ -184,6 +184,9 @@ class DiT(nn.Module):
             raise ValueError(f"unknown head {cfg.head!r}; choose one of {', '.join(HEADS)}")
         if cfg.head in ('subs', 'ar') and not 0 <= cfg.mask_id < cfg.vocab_size:
             raise ValueError(f"the {cfg.head!r} head needs mask_id, the id of its mask or BOS token")
+        if cfg.n_head < 1 or cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 2:
+            raise ValueError(f"n_embd {cfg.n_embd} does not split into {cfg.n_head} heads of even width (rotary "
+                             f"positions rotate pairs)")
         self.config = cfg
         self.vocab_embed = EmbeddingLayer(cfg.vocab_size, cfg.n_embd)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
@@ -323,10 +326,12 @@ class Discriminator(DiT):
         self.output_layer.power_iteration()
 
 
-def discriminator_reward(logits, z, mask_id):
-    """DiDi eq. 6: the mean over the masked positions of z (B, L) of the per-position log-ratio logits (B, L).
-    With Discriminator's label convention this is log q_teacher - log q_student: higher is more teacher-like.
-    A sequence with no mask left (the last RGAS step) is scored over all its positions. -> (B,)"""
+def discriminator_reward(logits, z, mask_id, reduce='mean'):
+    """DiDi eq. 6: the mean (reduce='mean', the paper's) or the sum over the masked positions of z (B, L) of the
+    per-position log-ratio logits (B, L). With Discriminator's label convention this is log q_teacher - log
+    q_student: higher is more teacher-like. A sequence with no mask left (the last RGAS step) is scored over all its
+    positions. -> (B,)"""
     scored = (z == mask_id)
     scored = scored | ~scored.any(-1, keepdim=True)
-    return torch.where(scored, logits, torch.zeros_like(logits)).sum(-1) / scored.sum(-1)
+    total = torch.where(scored, logits, torch.zeros_like(logits)).sum(-1)
+    return total / scored.sum(-1) if reduce == 'mean' else total

@@ -28,7 +28,8 @@ Sampling: MDLM ignores sigma; SEDD is fed sigma_bar; Duo is fed -log alpha_t and
 alpha grid (the Duo code's sampler), which ckpt['config']['sampling_schedule'] tells sample.load_sampler.
 
 Every problem is one CheckpointError sentence naming what is wrong and what to do; common.load_model turns it
-into a UserError. Loading a pickled file (.ckpt, .pth, .bin) runs code from it: only load files you trust.
+into a UserError. Pickled files (.ckpt, .pth, .bin) are read without running code from them: torch's weights-only
+loader, or for Lightning's hyper-parameters an unpickler that turns every class it names into an inert stub.
 """
 
 import json
@@ -121,8 +122,9 @@ def read_safetensors(path):
 
 
 class _Stub:
-    """Stands in, while unpickling, for a class whose package is not installed here (omegaconf, lightning,
-    transformers in a Lightning checkpoint's hyper_parameters): it keeps whatever pickle hands it."""
+    """Stands in, while unpickling, for every class or function that is not a tensor's building block (omegaconf,
+    lightning, transformers in a Lightning checkpoint's hyper_parameters, or anything a crafted file names): it
+    keeps whatever pickle hands it and runs nothing."""
 
     def __init__(self, *args, **kwargs):
         self._args, self._state, self._items = args, None, {}
@@ -144,15 +146,33 @@ class _Stub:
 _STUBS = {}
 
 
+def _safe_globals():
+    """What torch.load(weights_only=True) lets a pickle name: tensors, storages, dtypes, OrderedDict and the like."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        return dict(_get_allowed_globals())
+    except ImportError:   # an older or newer torch without it: the tensor rebuilders are enough for a state dict
+        import collections
+        import torch._utils
+        return {'collections.OrderedDict': collections.OrderedDict,
+                'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,
+                'torch._utils._rebuild_parameter': torch._utils._rebuild_parameter}
+
+
 class _TolerantUnpickler(pickle.Unpickler):
+    """Reads a Lightning checkpoint without importing or calling anything it names beyond tensors' building
+    blocks: every other global becomes a _Stub, so a pickled callable (a crafted file) is inert."""
+    allowed = None
+
     def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            key = (module, name)
-            if key not in _STUBS:
-                _STUBS[key] = type(name, (_Stub,), {'__module__': module})
-            return _STUBS[key]
+        if _TolerantUnpickler.allowed is None:
+            _TolerantUnpickler.allowed = _safe_globals()
+        if f"{module}.{name}" in _TolerantUnpickler.allowed:
+            return _TolerantUnpickler.allowed[f"{module}.{name}"]
+        key = (module, name)
+        if key not in _STUBS:
+            _STUBS[key] = type(name, (_Stub,), {'__module__': module})
+        return _STUBS[key]
 
 
 _tolerant_pickle = types.SimpleNamespace(Unpickler=_TolerantUnpickler, __name__='official_tolerant_pickle',
@@ -160,14 +180,15 @@ _tolerant_pickle = types.SimpleNamespace(Unpickler=_TolerantUnpickler, __name__=
 
 
 def torch_load(path, tolerant=False):
-    """torch.load on CPU with one clear sentence for a missing or corrupt file. tolerant: unknown classes become
-    stubs (Lightning checkpoints pickle omegaconf / transformers objects we do not need to import)."""
+    """torch.load on CPU that never runs code from the file, with one clear sentence for a missing or corrupt file:
+    weights_only=True, or with tolerant every global beyond tensors' building blocks becomes an inert stub
+    (Lightning checkpoints pickle omegaconf / transformers objects we neither need nor import)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist; check the path of the official checkpoint")
     try:
         if tolerant:
             return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_tolerant_pickle)
-        return torch.load(path, map_location='cpu', weights_only=False)
+        return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}); download it "
                               f"again") from None
@@ -308,7 +329,8 @@ def read_hf(folder):
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{folder}/config.json is not valid JSON; download it again") from None
     if isinstance(cfg.get('model'), dict) and 'graph' in cfg:   # SEDD's Hub mixin saves its training config
-        return 'sedd', _sedd_arch(cfg, folder), read_weights(folder), None, {}
+        extra = cfg.get('project') if isinstance(cfg.get('project'), dict) else {}
+        return 'sedd', _sedd_arch(cfg, folder), read_weights(folder), None, extra
     model_type = str(cfg.get('model_type', '')).lower()
     if model_type not in ('mdlm', 'duo'):
         raise CheckpointError(f"{folder}/config.json has model_type {cfg.get('model_type')!r}; this loader knows "
@@ -319,7 +341,8 @@ def read_hf(folder):
                 cond_dim=cfg.get('cond_dim'), n_layer=_first(cfg, 'n_blocks', 'num_hidden_layers'),
                 n_head=_first(cfg, 'n_heads', 'num_attention_heads'), seq_len=_first(cfg, 'model_length', 'length'),
                 dropout=cfg.get('dropout'), time_conditioning=cfg.get('time_conditioning'))
-    return model_type, arch, read_weights(folder), None, {}
+    extra = cfg.get('project') if isinstance(cfg.get('project'), dict) else {}   # written by export_hf below
+    return model_type, arch, read_weights(folder), None, extra
 
 
 def read_sedd_run(path):
@@ -344,14 +367,19 @@ def _lightning_kind(cfg, path):
     return kinds[param], algo
 
 
-def read_lightning(path):
+def read_lightning(path, kind=None):
+    """kind: what the caller knows the file holds ('mdlm' | 'duo' | 'sedd'), needed when it has no readable
+    hyper_parameters (the architecture then comes from the weight shapes, with 64-wide heads)."""
     ckpt = torch_load(path, tolerant=True)
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise CheckpointError(f"{path} has no state_dict; point to a .ckpt written by the MDLM or Duo code")
     cfg = plain((ckpt.get('hyper_parameters') or {}).get('config'))
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} has no readable hyper_parameters.config, so which model it holds is unknown; "
-                              f"use a .ckpt saved by the MDLM or Duo training code")
+        if kind not in HEADS:
+            raise CheckpointError(f"{path} has no readable hyper_parameters.config, so which model it holds is "
+                                  f"unknown; say it with --teacher_kind mdlm or --teacher_kind duo (the distillers "
+                                  f"take it from --teacher)")
+        cfg = {'algo': {'parameterization': {'mdlm': 'subs', 'duo': 'mean', 'sedd': 'score'}[kind]}}
     kind, algo = _lightning_kind(cfg, path)
     weights = {k[len('backbone.'):]: v for k, v in ckpt['state_dict'].items() if k.startswith('backbone.')}
     ema = ckpt.get('ema')
@@ -467,11 +495,12 @@ def drop_duo_pad(state, V, pad_id):
     return state
 
 
-def load_official(path, which='ema', pad_id='auto'):
+def load_official(path, which='ema', pad_id='auto', kind=None):
     """Read an official SEDD / MDLM / Duo checkpoint into model.py's DiT (see the module docstring).
 
     which: 'ema' takes the EMA weights when the file has them, 'model' the raw ones. pad_id (Duo only): the id
-    dropped from Duo's vocabulary; 'auto' = 50257 when V = 50258 (GPT-2 + [PAD]), else none.
+    dropped from Duo's vocabulary; 'auto' = 50257 when V = 50258 (GPT-2 + [PAD]), else none. kind: the model kind,
+    for a Lightning .ckpt that does not say (no hyper_parameters).
     Returns (model in eval mode, a checkpoint-like dict): 'kind' 'official', 'teacher' mdlm | duo | sedd,
     'config' (what train.py's config would say: teacher, Duo's gammas, the sampling schedule, an evaluation
     batch), 'model_config', 'data_meta' {'vocab_size': N real tokens, 'seq_len', 'tokenizer', ...}."""
@@ -479,7 +508,7 @@ def load_official(path, which='ema', pad_id='auto'):
     readers = {'hf': read_hf, 'sedd-run': read_sedd_run, 'lightning': read_lightning}
     if layout not in readers:
         raise unknown_layout(path)
-    kind, arch, weights, shadow, extra = readers[layout](path)
+    kind, arch, weights, shadow, extra = readers[layout](path, kind) if layout == 'lightning' else readers[layout](path)
     state = strip_prefix(weights)
     cfg = dit_config(kind, arch, state, path)
     pad = None
@@ -501,12 +530,78 @@ def load_official(path, which='ema', pad_id='auto'):
     gammas = (extra.get('duo_gamma_min', DUO_OWT_GAMMAS[0]), extra.get('duo_gamma_max', DUO_OWT_GAMMAS[1]))
     config = {'teacher': kind, 'model': 'official', 'batch_size': 8,   # 8: an evaluation batch that fits at V = 50k
               'duo_gamma_min': gammas[0] if kind == 'duo' else 0.0, 'duo_gamma_max': gammas[1] if kind == 'duo' else 0.0}
-    if kind == 'duo':
+    if kind == 'duo' and 'duo_spacing' in extra:     # a Duo model this project exported keeps its own schedule
+        config['duo_spacing'] = extra['duo_spacing']
+    elif kind == 'duo':
         config['sampling_schedule'] = 'loglinear'
     gpt2 = N == GPT2_VOCAB
-    data_meta = {'vocab_size': N, 'seq_len': cfg.seq_len, 'dataset': 'official',
-                 # a vocabulary that is not GPT-2's has no tokenizer here: samples are written as ids
-                 'tokenizer': 'gpt2' if gpt2 else 'synthetic', 'eos_id': GPT2_VOCAB - 1 if gpt2 else None}
+    data_meta = extra.get('data_meta') or {
+        'vocab_size': N, 'seq_len': cfg.seq_len, 'dataset': 'official',
+        # a vocabulary that is not GPT-2's has no tokenizer here: samples are written as ids
+        'tokenizer': 'gpt2' if gpt2 else 'none', 'eos_id': GPT2_VOCAB - 1 if gpt2 else None}
     ckpt = {'kind': 'official', 'teacher': kind, 'layout': layout, 'path': os.path.abspath(path), 'weights': used,
             'config': config, 'model_config': asdict(cfg), 'data_meta': data_meta}
     return model.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing the Hugging Face layout: a student or teacher of this project, shared as the official models are
+
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path, tensors):
+    """{name: tensor} -> a .safetensors file: 8-byte little-endian header length, the JSON header, the raw
+    little-endian bytes of every tensor in header order. Written to a temporary name, then renamed."""
+    header, offset, blobs = {}, 0, []
+    for name, tensor in tensors.items():
+        data = tensor.detach().cpu().contiguous()
+        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b''
+        header[name] = {'dtype': TORCH_TO_SAFETENSORS[data.dtype], 'shape': list(data.shape),
+                        'data_offsets': [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode('utf-8')
+    text += b' ' * (-len(text) % 8)                    # the format pads the header to a multiple of 8 bytes
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, 'wb') as f:
+        f.write(struct.pack('<Q', len(text)) + text)
+        for raw in blobs:
+            f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def export_hf(model, ckpt, folder):
+    """Write `model` (a DiT of this project, with its checkpoint dict) as a Hugging Face folder in the official
+    layout, config.json + model.safetensors, that load_official (and the MDLM / Duo code, for MDLM and Duo) reads:
+      mdlm, duo  keys under `backbone.`, config fields model_type, vocab_size, model_length, hidden_dim, cond_dim,
+                 n_blocks, n_heads, dropout, time_conditioning;
+      sedd       keys as they are, config.json as SEDD's Hub folder (tokens, graph, noise, model.*).
+    A 'project' entry keeps what the official layout has no field for (the data's meta, Duo's schedule), so this
+    project reads its own export back unchanged. -> folder"""
+    kind, cfg = ckpt['teacher'], model.config
+    if kind not in HEADS:
+        raise CheckpointError(f"a {kind!r} model has no official Hugging Face layout; export an mdlm, duo or sedd model")
+    os.makedirs(folder, exist_ok=True)
+    project = {'data_meta': ckpt.get('data_meta'), 'source': 'few-step distillation (this project)'}
+    if kind == 'duo':
+        config = ckpt.get('config', {})
+        project.update({k: config[k] for k in ('duo_gamma_min', 'duo_gamma_max') if k in config},
+                       duo_spacing=config.get('duo_spacing', 'gamma'))
+    if kind == 'sedd':
+        config = {'tokens': cfg.vocab_size - 1, 'graph': {'type': 'absorb'}, 'noise': {'type': 'loglinear'},
+                  'model': {'hidden_size': cfg.n_embd, 'cond_dim': cfg.cond_dim, 'length': cfg.seq_len,
+                            'n_blocks': cfg.n_layer, 'n_heads': cfg.n_head, 'scale_by_sigma': True,
+                            'dropout': cfg.dropout}, 'project': project}
+        weights = dict(model.state_dict())
+    else:
+        config = {'model_type': kind, 'vocab_size': cfg.vocab_size, 'model_length': cfg.seq_len,
+                  'hidden_dim': cfg.n_embd, 'cond_dim': cfg.cond_dim, 'n_blocks': cfg.n_layer, 'n_heads': cfg.n_head,
+                  'dropout': cfg.dropout, 'time_conditioning': cfg.time_conditioning, 'project': project}
+        weights = {f'backbone.{k}': v for k, v in model.state_dict().items()}
+    write_safetensors(os.path.join(folder, 'model.safetensors'), weights)
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    return folder

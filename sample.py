@@ -51,6 +51,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
+import official
 from common import UserError
 from data import DataError, TokenData, ensure_data, load_data
 from losses import DuoObjective  # only for Duo's alpha(t) schedule, stored with the checkpoint
@@ -78,6 +79,11 @@ disc = ''                 # with --rgas: the checkpoint holding the discriminato
 rgas_h = 30.0             # the tilt h of the first steps, ramped linearly from 0 (DiDi App. F.3)
 rgas_tilt = 0.5           # fraction of the steps (the first ones) that tilt; the others re-rank candidates
 rgas_candidates = 4       # M candidates per re-ranking step
+rgas_select = 'max'       # keep the candidate with the highest reward ('max', DiDi App. F.3) or draw by 'softmax'
+rgas_reward = 'mean'      # eq. 6's reward: the 'mean' or the 'sum' of the log-ratio over the masked positions
+teacher_kind = ''         # mdlm | duo | sedd: what an official Lightning .ckpt without hyper_parameters holds
+export_hf = ''            # a folder: write --ckpt (EMA weights) there as a Hugging Face folder in the official layout
+                          # (config.json + model.safetensors, official.export_hf) instead of sampling
 # ----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
@@ -377,7 +383,7 @@ def rgas_plan(steps, tilt_fraction, h_max, candidates):
     return [(h_max * k / max(1, n_tilt - 1), 1) if k < n_tilt else (0.0, candidates) for k in range(steps)]
 
 
-def reward_gradient(disc, z, sigma):
+def reward_gradient(disc, z, sigma, reward='mean'):
     """grad R(z, t) of eq. 10: the gradient of the reward of eq. 6 (the discriminator's log-ratio averaged over the
     masked positions of z (B, L)) with respect to its one-hot input onehot(z) (B, L, V). Entry (l, y) says, to first
     order, how much more teacher-like the sequence gets if position l holds y. (The mean matters: with a
@@ -387,7 +393,7 @@ def reward_gradient(disc, z, sigma):
     with torch.enable_grad():
         x = torch.nn.functional.one_hot(z, disc.config.vocab_size).float().requires_grad_(True)
         logits = call_network(disc, x, sigma)                                          # (B, L)
-        grad, = torch.autograd.grad(discriminator_reward(logits, z, disc.config.mask_id).sum(), x)
+        grad, = torch.autograd.grad(discriminator_reward(logits, z, disc.config.mask_id, reward).sum(), x)
     return grad.float()
 
 
@@ -402,18 +408,23 @@ def tilt(out, z, grad, h):
     return out + step
 
 
-def rerank(disc, candidates, sigma_s, generator):
-    """eq. 11: for each sequence, one of its M candidate states (M, B, L), drawn with probabilities softmax over m
-    of R(z^(m), t_s) (model.discriminator_reward, in float64). -> (B, L)"""
+def rerank(disc, candidates, sigma_s, generator, select='max', reward='mean'):
+    """eq. 11: for each sequence, one of its M candidate states (M, B, L), by the reward R(z^(m), t_s)
+    (model.discriminator_reward, in float64): select='max' keeps the highest ("selecting the one with the highest
+    reward", App. F.3), 'softmax' draws one with probabilities softmax over m. Candidates differ in about 1/K of
+    their positions, so their mean rewards are close and a softmax over them is nearly uniform. -> (B, L)"""
     M, B, L = candidates.shape
     flat = candidates.reshape(M * B, L)
     logits = call_network(disc, flat, sigma_s.expand(M * B)).to(F64)                   # (M B, L)
-    rewards = discriminator_reward(logits, flat, disc.config.mask_id).view(M, B)
-    choice = categorical(torch.softmax(rewards.T, dim=-1), generator)                   # (B,)
+    rewards = discriminator_reward(logits, flat, disc.config.mask_id, reward).view(M, B)
+    if select == 'max':
+        choice = rewards.argmax(0)                                                      # (B,)
+    else:
+        choice = categorical(torch.softmax(rewards.T, dim=-1), generator)
     return candidates[choice, torch.arange(B, device=candidates.device)]
 
 
-def rgas_batch(net, disc, B, L, N, plan, schedule, generator, fused, chunk, bar=None):
+def rgas_batch(net, disc, B, L, N, plan, schedule, generator, fused, chunk, select, reward, bar=None):
     """Algorithm 2 on one batch, from all masks: one student call per step (no cache: the tilt changes the
     denoiser), plus a discriminator forward and backward (tilt) or M forwards (re-rank). -> z (B, L) long"""
     z = torch.full((B, L), N, dtype=torch.long, device=generator.device)
@@ -421,9 +432,9 @@ def rgas_batch(net, disc, B, L, N, plan, schedule, generator, fused, chunk, bar=
         sigma = plan.sigma[k].expand(B)
         out = call_network(net, z, sigma)
         if h > 0:
-            out = tilt(out, z, reward_gradient(disc, z, sigma), h)
+            out = tilt(out, z, reward_gradient(disc, z, sigma, reward), h)
         draws = [mdlm_step(out, z, plan.alpha[k + 1], plan.alpha[k], generator, fused, chunk) for _ in range(M)]
-        z = draws[0] if M == 1 else rerank(disc, torch.stack(draws), plan.sigma[k + 1], generator)
+        z = draws[0] if M == 1 else rerank(disc, torch.stack(draws), plan.sigma[k + 1], generator, select, reward)
         if bar is not None:
             bar.update(1)
     return z
@@ -431,14 +442,16 @@ def rgas_batch(net, disc, B, L, N, plan, schedule, generator, fused, chunk, bar=
 
 @torch.no_grad()
 def generate_rgas(net, disc, num_samples, seq_len, steps, N, generator, batch_size=64, h_max=30.0,
-                  tilt_fraction=0.5, candidates=4, fused=True, chunk=8192, progress=True):
+                  tilt_fraction=0.5, candidates=4, fused=True, chunk=8192, progress=True, select='max', reward='mean'):
     """generate() for an MDLM denoiser net (a DiDi-Instruct student, or any other) guided by the discriminator
-    disc (model.Discriminator over the same N + 1 tokens). Returns (LongTensor (num_samples, seq_len), NFE =
+    disc (model.Discriminator over the same N + 1 tokens); select and reward: see rerank. Returns (LongTensor (num_samples, seq_len), NFE =
     student calls per sequence = steps; the discriminator's calls come on top)."""
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if candidates < 1 or not 0 <= tilt_fraction <= 1 or h_max < 0:
         raise ValueError("RGAS needs candidates >= 1, a tilt fraction in [0, 1] and h >= 0")
+    if select not in ('max', 'softmax') or reward not in ('mean', 'sum'):
+        raise ValueError(f"RGAS selects by 'max' or 'softmax' of a 'mean' or 'sum' reward, not {select!r} / {reward!r}")
     if disc.config.vocab_size != N + 1:
         raise ValueError(f"the discriminator reads {disc.config.vocab_size - 1} tokens, the sampled model {N}")
     plan, schedule = time_plan(steps, 'loglinear', generator.device), rgas_plan(steps, tilt_fraction, h_max, candidates)
@@ -446,7 +459,7 @@ def generate_rgas(net, disc, num_samples, seq_len, steps, N, generator, batch_si
     bar = tqdm(total=len(batches) * steps, desc=f"RGAS K={steps}", disable=not progress, dynamic_ncols=True,
                mininterval=2)
     samples = [rgas_batch(net, disc, min(batch_size, num_samples - b0), seq_len, N, plan, schedule, generator, fused,
-                          chunk, bar) for b0 in batches]
+                          chunk, select, reward, bar) for b0 in batches]
     bar.close()
     return torch.cat(samples) if samples else torch.zeros(0, seq_len, dtype=torch.long), float(steps)
 
@@ -533,12 +546,12 @@ class StudentScores(torch.nn.Module):
         return torch.where((z == mask_id)[..., None], scores, out)
 
 
-def load_sampler(ckpt_path, device):
+def load_sampler(ckpt_path, device, teacher_kind=None):
     """A checkpoint (ours, or an official one: common.load_model) as something to sample: (net, kind, N, seq_len,
     data meta, schedule), with the EMA weights in eval mode on device. kind is the checkpoint's 'teacher' field
-    (students store it too); schedule is 'loglinear', or the DuoObjective whose alpha(t) a Duo model was trained
-    with. A SEDD student comes wrapped in StudentScores."""
-    net, ckpt = common.load_model(ckpt_path, which='ema')
+    (students store it too; teacher_kind says it for an official file that does not); schedule is 'loglinear', or
+    the DuoObjective whose alpha(t) a Duo model was trained with. A SEDD student comes wrapped in StudentScores."""
+    net, ckpt = common.load_model(ckpt_path, which='ema', kind=teacher_kind or None)
     kind = ckpt.get('teacher')
     if kind == 'ar':
         raise UserError(f"{ckpt_path} holds an autoregressive model: it is sampled left to right, one token per call, "
@@ -562,7 +575,7 @@ def open_target(cfg, rank, world, device):
         if not cfg['ckpt']:
             raise UserError("pass --ckpt: a checkpoint (file or folder) or 'exact' for the synthetic language")
         folder = cfg['ckpt'] if os.path.isdir(cfg['ckpt']) else os.path.dirname(cfg['ckpt'])
-        return (*load_sampler(cfg['ckpt'], device), folder)
+        return (*load_sampler(cfg['ckpt'], device, cfg['teacher_kind']), folder)
     if cfg['kind'] not in KINDS:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, not {cfg['kind']!r}")
     if rank == 0:
@@ -613,8 +626,23 @@ def rgas_discriminator(cfg, kind, N, device):
     return load_discriminator(path, N, device)
 
 
+def export(cfg):
+    """--export_hf: the checkpoint's EMA weights as an official-layout Hugging Face folder (official.export_hf)."""
+    if not cfg['ckpt'] or cfg['ckpt'] == 'exact':
+        raise UserError("--export_hf writes a checkpoint's network: pass it with --ckpt (the exact denoiser has none)")
+    net, ckpt = common.load_model(cfg['ckpt'], which='ema', kind=cfg['teacher_kind'] or None)
+    try:
+        folder = official.export_hf(net, ckpt, cfg['export_hf'])
+    except official.CheckpointError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {folder}/config.json and {folder}/model.safetensors: a {ckpt['teacher']} model in the official "
+          f"Hugging Face layout ({net.num_params() / 1e6:.2f}M parameters, EMA weights)")
+
+
 def main(argv=None):
     cfg = common.configure(DEFAULTS, argv)
+    if cfg['export_hf']:
+        return export(cfg)
     if cfg['num_samples'] < 1 or cfg['steps'] < 1 or cfg['batch_size'] < 1:
         raise UserError("--num_samples, --steps and --batch_size must be at least 1")
     rank, world, device = common.setup_distributed(cfg['device'])
@@ -627,7 +655,8 @@ def main(argv=None):
             x, nfe = generate_rgas(net, rgas_discriminator(cfg, kind, N, device), share, L, cfg['steps'], N, generator,
                                    batch_size=cfg['batch_size'], h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'],
                                    candidates=cfg['rgas_candidates'], fused=cfg['fused'], chunk=cfg['chunk'],
-                                   progress=cfg['progress'] and rank == 0)
+                                   progress=cfg['progress'] and rank == 0, select=cfg['rgas_select'],
+                                   reward=cfg['rgas_reward'])
         else:
             x, nfe = generate(net, kind, share, L, cfg['steps'], N, generator, batch_size=cfg['batch_size'],
                               fused=cfg['fused'], sampler=cfg['sampler'] if kind == 'sedd' else None,

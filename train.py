@@ -127,9 +127,9 @@ def evaluate(model, objective, dataset, cfg, rank, world, device):
 def check_config(cfg, world):
     if cfg['teacher'] not in TEACHERS:
         raise UserError(f"unknown --teacher {cfg['teacher']!r}; choose one of {', '.join(TEACHERS)}")
-    if cfg['grad_accum'] % world:
-        raise UserError(f"--grad_accum {cfg['grad_accum']} is not divisible by the {world} processes; "
-                        f"use a multiple of {world} so every process gets the same number of micro-batches")
+    if cfg['max_iters'] < 1 or cfg['lr'] <= 0:
+        raise UserError(f"--max_iters must be at least 1 and --lr positive (got {cfg['max_iters']} and {cfg['lr']})")
+    common.check_batch(cfg, world)
 
 
 def train(cfg):
@@ -185,9 +185,7 @@ def train(cfg):
                 loss = batch_loss(model, objective, x0, gen, N, by_count)
                 (loss / local_accum).backward()
             loss_sum += loss.item() / local_accum
-        if not torch.isfinite(torch.tensor(loss_sum)):
-            raise UserError(f"the training loss became {loss_sum} at iteration {it}; lower --lr or raise --warmup_iters "
-                            f"(the last good checkpoint is {ckpt_path})")
+        common.check_finite(torch.tensor([loss_sum]), 'training', it, ckpt_path, '--lr or raise --warmup_iters')
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -246,6 +244,64 @@ def resume_from(path, cfg, model, optimizer, ema):
     ema.load_state_dict(ckpt['ema'])
     common.set_rng_state(ckpt['rng'])
     return ckpt['iter'], ckpt.get('history', [])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher a distiller starts from (distill_idlm.py, distill_didi.py, distill_sdtt.py)
+
+def default_teacher_path(kind, data):
+    return os.path.join('out', f"{kind}-{common.folder_name(data)}", 'ckpt.pt')
+
+
+def ensure_teacher(kind, data, path, device='auto'):
+    """path; if nothing is there and data is 'synthetic', first train a teacher there with this file's CPU defaults
+    (under torchrun its global batch is split over the processes, so the result is the same)."""
+    if os.path.exists(path) or data != 'synthetic':
+        return path
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f"no teacher at {path}: training one first, as python train.py --teacher {kind} would")
+    train({**DEFAULTS, 'teacher': kind, 'data': data, 'device': device, 'out_dir': os.path.dirname(path),
+           'grad_accum': world, 'batch_size': max(1, DEFAULTS['batch_size'] // world)})
+    return path
+
+
+def load_network(path, kind, dataset, data, flag='--teacher_ckpt', other_kinds=()):
+    """A frozen network of this kind (EMA weights, eval mode) and its checkpoint, checked against the data.
+    other_kinds: the kinds the script would take with another --teacher (named in the error)."""
+    net, ckpt = common.load_model(path, which='ema')
+    found = ckpt.get('teacher')
+    if found == 'ar':
+        raise UserError(f"{path} holds an autoregressive model, which is a judge and cannot be distilled; pass an "
+                        f"{kind} checkpoint as {flag}")
+    if found != kind:
+        fix = f"--teacher {found} or another {flag}" if found in other_kinds else f"an {kind} checkpoint as {flag}"
+        raise UserError(f"{path} holds a {found!r} teacher, not --teacher {kind}; pass {fix}")
+    common.check_teacher_data(path, ckpt, dataset, data)
+    return net.eval().requires_grad_(False), ckpt
+
+
+def load_teacher(spec, kind, dataset, data, device='auto', init='', other_kinds=()):
+    """The frozen teacher f* of a distiller and the network its student (fake, discriminator) is copied from.
+    spec: a checkpoint (ours or official, official.py), '' for default_teacher_path (trained first if absent), or
+    'exact': the synthetic language's exact denoiser (sample.ExactDenoiser, MDLM only), a perfect teacher that
+    separates a method's own error from its teacher's. The exact denoiser has no weights, so the student then starts
+    from --init (default: the trained default teacher). Returns (teacher, init network, init checkpoint)."""
+    if spec == 'exact':
+        language = dataset.language()
+        if kind != 'mdlm' or language is None:
+            raise UserError("--teacher_ckpt exact is the synthetic language's exact MDLM denoiser: it needs --teacher "
+                            "mdlm and synthetic --data")
+        from sample import exact_denoiser  # only the exact teacher needs the samplers' file
+        path = init or ensure_teacher(kind, data, default_teacher_path(kind, data), device)
+        net, ckpt = load_network(path, kind, dataset, data, '--init')
+        return exact_denoiser(language, kind), net, ckpt
+    path = spec or ensure_teacher(kind, data, default_teacher_path(kind, data), device)
+    teacher, ckpt = load_network(path, kind, dataset, data, '--teacher_ckpt', other_kinds)
+    if not init:
+        return teacher, teacher, ckpt
+    net, _ = load_network(init, kind, dataset, data, '--init')
+    return teacher, net, ckpt
 
 
 def main(argv=None):

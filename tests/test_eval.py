@@ -70,7 +70,7 @@ def test_sweep_writes_rows_table_and_plot(tiny_run):
 
 def test_bad_steps_and_a_judge_that_is_not_autoregressive(tiny_run):
     root, data = tiny_run
-    for args, message in [(['--steps=4,x'], '--steps takes comma-separated integers'),
+    for args, message in [(['--steps=4,x'], '--steps takes comma-separated integers >= 1'),
                           ([f'--judge={root / "mdlm"}'], 'is not an AR model')]:
         r = subprocess.run([sys.executable, 'eval.py', f'--ckpt={root / "mdlm"}', f'--data={data}', *args],
                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})

@@ -227,7 +227,7 @@ def test_duo_pytorch_bin_drops_the_pad_id(tmp_path):
         assert torch.allclose(model(F.one_hot(ids, N).float(), sigma), expect, atol=1e-4)
     # 'auto' drops PAD only at GPT-2's size (V = 50258); a tiny vocabulary is kept whole
     model, ckpt = load_official(path)
-    assert model.config.vocab_size == V and ckpt['data_meta']['tokenizer'] == 'synthetic'
+    assert model.config.vocab_size == V and ckpt['data_meta']['tokenizer'] == 'none'
 
 
 def test_sedd_hub_folder(tmp_path):
@@ -451,9 +451,10 @@ def test_errors_for_what_our_model_lacks(tmp_path):
     path, _ = lightning_ckpt(tmp_path / 'ar.ckpt', V, w, {'parameterization': 'ar'})
     one_line_user_error(path, "'ar'")
     # a teacher of the wrong kind for IDLM, caught by its own check
-    import distill_idlm
+    import train
     with pytest.raises(UserError) as err:
-        distill_idlm.load_teacher(hf_folder(tmp_path / 'duo-teacher', 'duo', V, w), {'teacher': 'mdlm'}, None)
+        train.load_network(hf_folder(tmp_path / 'duo-teacher', 'duo', V, w), 'mdlm', None, None,
+                           other_kinds=('mdlm', 'duo', 'sedd'))
     assert '--teacher duo' in str(err.value)
 
 

@@ -1,9 +1,10 @@
 """
 IDLM: inverse distillation of a diffusion language model (MDLM, Duo or SEDD-absorb) into a few-step student.
 
-    python distill_idlm.py --teacher mdlm                       # CPU default: 4.5 min (+ 10 for the teacher if absent)
+    python distill_idlm.py --teacher mdlm                       # CPU default (+ 10 min for the teacher if absent)
     torchrun --standalone --nproc_per_node=2 distill_idlm.py --teacher mdlm --grad_accum 2 --batch_size 32
-    python distill_idlm.py --teacher duo --teacher_ckpt out/duo-synthetic --eval_steps 4,8,16,64
+    python distill_idlm.py --teacher duo --teacher_ckpt out/dcd-duo-synthetic     # IDLM-DCD: a DCD student as teacher
+    python distill_idlm.py --teacher mdlm --teacher_ckpt exact  # the synthetic language's exact denoiser as f*
     python distill_idlm.py --teacher mdlm --resume true         # continue out_dir/ckpt.pt exactly where it stopped
 
 Three networks of one architecture (IDLM §3.3): the frozen teacher f*, a fake f_hat and the student G_theta,
@@ -27,23 +28,41 @@ Multistep student (App. C.2): G_theta eats (x_t~, t~), the forward process of a 
 Where the gradient reaches theta (App. C.1): MDLM / SEDD-absorb draw x_t ~ q(. | sg(x0)) (a masked token does not
 depend on x0, an unmasked one scores zero), so it flows only through the soft target x0 in the loss; Duo
 reparameterises w_t = a x0 + s eps (eq. 22-23), so it flows through the fake's and teacher's input as well.
-The fake's parameters are frozen during step 2 (its output stays differentiable in its input), and under torchrun
-student and fake have separate DDP wrappers, each doing forward + backward only in its own phase.
-Logged every log_every iterations: teacher loss, fake loss, their gap, gradient norms. The gap is NOT a
-convergence signal (it oscillates around zero and may go negative, as in SiD); judge the run by the EMA student's
-GenPPL and entropy at K steps, evaluated every eval_interval iterations, in the final table (results.md) against
-the teacher at --teacher_steps, and plotted against iterations (history.png). On this small teacher the student keeps
-lowering GenPPL by giving up entropy (IDLM's bound is a reverse KL, which seeks modes), so the run also keeps
-best.pt: the evaluated EMA snapshot with the lowest GenPPL among those within --entropy_tolerance of the teacher's
-entropy, chosen on one noise stream and reported in the table on another.
+(That stop-gradient drops a score-function term for the unmasked context tokens; --context_grad adds it back. On an
+enumerable space the two gradients point nearly the same way: tests/test_idlm_objective.py.)
+
+Why the one-shot student sheds entropy, and the step objective (--student_steps K; ours, MDLM). The distribution
+Theorem 3.1 speaks of is p_theta = E_{x~t~}[prod_i G_i(x~t~)]: ONE jump from a noised real sequence to x0. That is
+not the distribution of the K-step sampler the student is used as. The mixture can equal p* while its all-mask
+component (the sampler's first step) is collapsed onto a few modes, because the components that start from mostly
+clean real sequences make up for it; so training reaches its own optimum and the K-step sampler still loses entropy
+(enumerated in tests/test_idlm_objective.py: KL(p_theta || p*) -> 0 while the 3-step sampler's entropy falls below
+the data's). With --student_steps K the student takes one K-step sampler step from its input instead,
+t~ -> s~ = max(0, t~ - 1/K): each masked position unmasks with probability (alpha_s - alpha_t)/(1 - alpha_t), to
+G_theta's probabilities. Its state x_s (partly masked) is scored by the same eq. 8, with L_discr the MDLM NELBO of
+the forward process run on from s~ (each token of x_s is masked again with probability u ~ U, weight 1/u; a
+position masked in x_s has no target). The teacher's denoiser is also the optimal denoiser of that sub-process
+(masking coins do not depend on the tokens), so the loss is zero when one student step maps the true marginal at t~
+to the true marginal at s~, and positive off it, but at most KL(p_theta(x_s) || q(x_s)), not at least: a network fake
+does not know which masks of its input were already in x_s (tests/test_idlm_objective.py enumerates both facts).
+A student whose every step reaches that zero makes a K-step chain that ends at p* exactly. --student_steps 0 is the paper's one-shot jump (s~ = 0).
+
+Logged every log_every iterations: teacher loss, fake loss, their gap, gradient norms, and with track_steps > 0 how
+far the fake is from its optimum for the current student (its loss on fresh student samples before and after
+track_steps extra updates of a copy). The gap is NOT a convergence signal (it oscillates around zero and may go
+negative, as in SiD); judge the run by the EMA student's GenPPL and entropy at K steps, evaluated every
+eval_interval iterations on eval_streams noise streams (eval.py), in the final table (results.md) against the
+teacher at --teacher_steps, and plotted against iterations (history.png). best.pt keeps the evaluated EMA snapshot
+with the lowest GenPPL among those within --entropy_tolerance of the teacher's entropy, chosen on the selection
+streams and reported on the report streams: a safeguard, not the method.
 """
 
 import copy
 import json
 import os
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
@@ -52,43 +71,53 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
+import eval as evaluation
 import train
 from common import UserError
 from data import ensure_data, load_data
-from eval import evaluate_samples, format_row, genppl_key, markdown_table
 from losses import DuoObjective
-from processes import sample_time
-from sample import StudentScores, generate, generate_rgas, load_sampler
+from processes import alpha_loglinear, sample_time
+from sample import StudentScores, load_sampler
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value; a positional argument is a config file of `key = value` lines)
 teacher = 'mdlm'          # mdlm | duo | sedd
 teacher_ckpt = ''         # default: out/<teacher>-<data folder name>/ckpt.pt, trained first if absent on 'synthetic';
-                          # or an official teacher (HF folder, SEDD run folder, Lightning .ckpt: official.py)
+                          # an official teacher (HF folder, SEDD run folder, Lightning .ckpt: official.py), a student
+                          # of another method (IDLM-DCD: a distill_sdtt.py Duo student), or 'exact' (MDLM on the
+                          # synthetic language: its exact denoiser, a perfect teacher)
+init = ''                 # the network student and fake are copied from; default: the teacher (with 'exact': the
+                          # trained default teacher)
 data = 'synthetic'        # the real data x0~ the student's inputs are made from (App. C.2)
 out_dir = ''              # default: out/idlm-<teacher>-<data folder name>
 batch_size = 64           # sequences per micro-batch per process
 grad_accum = 1            # micro-batches per phase in total; must be divisible by the number of processes
-max_iters = 150           # student updates (each after fake_steps fake updates). The CPU default stops early: the
-                          # student keeps lowering GenPPL but sheds entropy past ~150 (README: IDLM, the sweep)
+max_iters = 150           # student updates (each after fake_steps fake updates)
 lr = 1e-4                 # student; the paper uses 1e-6 (3e-7 SEDD) for 169M models and far longer runs
 fake_lr = 1e-4
 warmup_iters = 20         # linear warm-up, then constant (IDLM App. F)
 fake_steps = 1            # fake updates per student update (eq. 10 before eq. 11)
+fake_ema = 0.0            # > 0: the student is scored against an EMA of the fake with this decay (0: the fake itself)
+student_steps = 0         # 0: the student jumps from x_t~ to x0 (the paper); K: it takes one K-step sampler step and
+                          # eq. 8 scores the state it reaches (MDLM; see the docstring)
+context_grad = False      # MDLM: add the score-function term for the context tokens that App. C.1's stop-gradient drops
 beta2 = 0.999
 weight_decay = 0.0
 grad_clip = 0.0           # 0: off, as in the paper; gradient norms are logged either way
 ema = 0.99                # EMA of the student: evaluated and saved as 'ema' (the paper: 0.9999 over far more steps)
 eval_interval = 50        # iterations between evaluations of the EMA student (and at the end)
 eval_steps = '4,8,16'     # K-step budgets
+eval_raw = False          # also evaluate the raw (not averaged) student at every evaluation
 teacher_steps = '1024'    # extra budgets for the teacher in the final table: the many-step reference to match
 keep_best = True          # also keep best.pt: among the periodic evaluations, the EMA student with the lowest GenPPL
                           # at the largest --eval_steps whose entropy is within entropy_tolerance of the teacher's at
-                          # its most steps (the student trades entropy for GenPPL as it trains: README, IDLM)
+                          # its most steps
 entropy_tolerance = 0.02
-eval_samples = 256        # sequences per budget; 0 skips evaluation and the final table. At 128 the entropy of one
-                          # model moved by 1.1% between two noise streams, half the 2% tolerance
+eval_samples = 256        # sequences per budget and noise stream; 0 skips evaluation and the final table
+eval_streams = 3          # noise streams per evaluation: each cell is their mean +- sd (eval.py)
 judge = ''                # an AR checkpoint (train.py --teacher ar) for judge GenPPL; '' = none
+track_steps = 0           # > 0: every log_every iterations, measure the fake's distance from its optimum with this
+                          # many extra updates of a copy (logged as fake_lag)
 ckpt_interval = 200
 log_every = 50
 seed = 0
@@ -98,17 +127,18 @@ resume = False
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 KINDS = ('mdlm', 'duo', 'sedd')
-LOGGED = ('gap', 'teacher_loss', 'fake_loss', 'fake_train_loss', 'student_grad_norm', 'fake_grad_norm')
+LOGGED = ('gap', 'teacher_loss', 'fake_loss', 'context', 'fake_train_loss', 'student_grad_norm', 'fake_grad_norm')
+FLAGS = '--lr and --fake_lr'
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The student as a generator of x0 probabilities (App. C.2), and the two losses (eq. 10, 11)
+# The student as a generator (App. C.2): x0 probabilities, and the state one sampler step reaches
 
 def student_input(objective, x_data, generator):
     """SamplingFunc of Algorithm 1: t~ ~ U[eps, 1] (stratified) and x_t~ ~ q(. | x0~) for a real batch x_data
-    (B, L); for Duo the network input is the soft softmax(w_t~ / tau). -> Noisy"""
+    (B, L); for Duo the network input is the soft softmax(w_t~ / tau). -> (Noisy, t~ (B,))"""
     t = sample_time(len(x_data), generator=generator, device=x_data.device)
-    return objective.corrupt(x_data, t, generator)
+    return objective.corrupt(x_data, t, generator), t
 
 
 def student_x0(student, objective, noisy):
@@ -124,6 +154,37 @@ def student_x0(student, objective, noisy):
     return torch.where(masked, out[..., :N].softmax(-1), carry)
 
 
+def student_state(student, objective, x_data, generator, student_steps):
+    """The student's sample: x0 = G_theta(x_t~) (student_steps 0), or the state x_s of one K-step sampler step
+    t~ -> s~ = max(0, t~ - 1/K): a masked position of x_t~ unmasks with probability (alpha_s - alpha_t)/(1 - alpha_t)
+    to G_theta's probabilities (sample.mdlm_step's coin). -> (x_s (B, L, N): probabilities, zero rows where still
+    masked; still_masked (B, L) bool)"""
+    noisy, t = student_input(objective, x_data, generator)
+    x0 = student_x0(student, objective, noisy)
+    if student_steps == 0:
+        return x0, torch.zeros(x0.shape[:2], dtype=torch.bool, device=x0.device)
+    alpha_t = alpha_loglinear(t.double())
+    alpha_s = alpha_loglinear((t.double() - 1.0 / student_steps).clamp_min(0.0))
+    unmask = ((alpha_s - alpha_t) / (1 - alpha_t))[:, None]                  # (B, 1)
+    coin = torch.rand(noisy.x_t.shape, dtype=torch.float64, generator=generator, device=x0.device)
+    still_masked = (noisy.x_t == objective.mask_id) & (coin >= unmask)
+    return x0 * (~still_masked)[..., None], still_masked
+
+
+def corrupt_state(objective, x_s, still_masked, generator):
+    """The forward process run on from the student's state: each position of x_s holding a token is masked with
+    probability 1 - alpha(u), u ~ U[eps, 1] stratified, tokens drawn from sg(x_s); mdlm_loss's weight is then 1/u,
+    the NELBO of this sub-process. Positions still masked in x_s stay masked and have no target (zero rows).
+    With nothing still masked this is objective.corrupt(x0, t) draw for draw (the paper's eq. 10-11)."""
+    u = sample_time(len(x_s), generator=generator, device=x_s.device)
+    if not still_masked.any():
+        return objective.corrupt(x_s, u, generator)
+    filler = F.one_hot(torch.zeros_like(still_masked, dtype=torch.long), x_s.shape[-1]).to(x_s.dtype)
+    noisy = objective.corrupt(torch.where(still_masked[..., None], filler, x_s), u, generator)
+    x_t = noisy.x_t.masked_fill(still_masked, objective.mask_id)
+    return replace(noisy, input=x_t, x_t=x_t)
+
+
 @contextmanager
 def frozen(model):
     """No parameter of `model` enters the graph while inside (its output stays differentiable in its input)."""
@@ -137,148 +198,143 @@ def frozen(model):
             p.requires_grad_(True)
 
 
-def fake_loss(student, fake, objective, x_data, generator):
+# ----------------------------------------------------------------------------------------------------------------
+# The two losses (eq. 10, 11)
+
+def fake_loss(student, fake, objective, x_data, generator, student_steps=0):
     """eq. 10: the teacher's own loss for the fake on the student's samples; theta gets no gradient."""
     with torch.no_grad():
-        x0 = student_x0(student, objective, student_input(objective, x_data, generator))
-    noisy = objective.corrupt(x0, sample_time(len(x0), generator=generator, device=x0.device), generator)
-    return objective.loss(fake(noisy.input, noisy.sigma), x0, noisy).mean()
+        x_s, still_masked = student_state(student, objective, x_data, generator, student_steps)
+    noisy = corrupt_state(objective, x_s, still_masked, generator)
+    return objective.loss(fake(noisy.input, noisy.sigma), x_s, noisy).mean()
 
 
 def idlm_gap(teacher, fake, objective, x0, noisy):
     """eq. 11 for given x0 and ONE noisy sample of it: (L_discr(f*, x0) - L_discr(f_hat, x0), teacher loss, fake
     loss), per-token means. Teacher and fake parameters get no gradient; x0 does (the target, and Duo's input)."""
-    teacher_loss = objective.loss(teacher(noisy.input, noisy.sigma), x0, noisy).mean()
+    per_token = token_gaps(teacher, fake, objective, x0, noisy)
+    return per_token[0].mean(), per_token[1].mean(), per_token[2].mean()
+
+
+def token_gaps(teacher, fake, objective, x0, noisy):
+    """(teacher - fake, teacher, fake) losses per token (B, L)."""
+    teacher_loss = objective.loss(teacher(noisy.input, noisy.sigma), x0, noisy)
     with frozen(fake):
-        fake_loss = objective.loss(fake(noisy.input, noisy.sigma), x0, noisy).mean()
+        fake_loss = objective.loss(fake(noisy.input, noisy.sigma), x0, noisy)
     return teacher_loss - fake_loss, teacher_loss, fake_loss
 
 
-def student_loss(student, teacher, fake, objective, x_data, generator):
-    """eq. 11 on a real batch: x0 = G_theta(x_t~, t~), corrupted once, scored by teacher and fake."""
-    x0 = student_x0(student, objective, student_input(objective, x_data, generator))
-    noisy = objective.corrupt(x0, sample_time(len(x0), generator=generator, device=x0.device), generator)
-    return idlm_gap(teacher, fake, objective, x0, noisy)
+def context_term(x_s, noisy, gaps, mask_id):
+    """The score-function term App. C.1's stop-gradient drops: the unmasked tokens of x_t were drawn from the
+    student's x_s, and the loss at the masked positions depends on them. Its surrogate is
+    mean_b[(r_b - r_-b) * log P_theta(context_b)], r_b the sequence's teacher-minus-fake loss (no gradient) and r_-b
+    the mean of the other sequences' (a leave-one-out baseline, so the estimate stays unbiased). -> scalar"""
+    context = noisy.x_t != mask_id
+    drawn = x_s.gather(-1, noisy.x_t.clamp_max(x_s.shape[-1] - 1)[..., None])[..., 0]    # (B, L) P(token drawn)
+    log_p = torch.where(context, drawn.clamp_min(1e-30).log(), torch.zeros_like(drawn)).sum(-1)   # (B,)
+    r = gaps.detach().sum(-1) / gaps.numel()                                              # (B,), sums to the mean gap
+    baseline = (r.sum() - r) / max(1, len(r) - 1)
+    return ((r - baseline) * log_p).sum()
+
+
+def student_loss(student, teacher, fake, objective, x_data, generator, student_steps=0, context_grad=False):
+    """eq. 11 on a real batch: the student's sample (student_state), corrupted once, scored by teacher and fake.
+    -> (loss to minimise, teacher loss, fake loss, context term)"""
+    x_s, still_masked = student_state(student, objective, x_data, generator, student_steps)
+    noisy = corrupt_state(objective, x_s, still_masked, generator)
+    gaps, teacher_loss, fake_loss = token_gaps(teacher, fake, objective, x_s, noisy)
+    context = context_term(x_s, noisy, gaps, objective.mask_id) if context_grad else torch.zeros((), device=x_s.device)
+    return gaps.mean() + context, teacher_loss.mean(), fake_loss.mean(), context
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One phase of an iteration: micro-batches, backward, all-reduce, optimizer step
-
-def micro_batches(dataset, cfg, it, phase, rank, world, device):
-    """This rank's micro-batches of one phase: (real x0~ (B, L), generator). The generator is seeded by (seed,
-    iteration, phase, global micro-batch index), so 1 and N processes, and a resumed run, see the same batch."""
-    local = cfg['grad_accum'] // world
-    for micro in range(local):
-        gen = common.step_generator(cfg['seed'], it, phase, rank * local + micro, device=device)
-        idx = torch.randint(len(dataset.train), (cfg['batch_size'],), generator=gen, device=device).cpu()
-        yield dataset.batch('train', idx).to(device), gen
-
-
-def accumulate(model, batches, loss_fn, n, device):
-    """Backpropagate the mean of loss_fn(x, gen)[0] over n micro-batches (DDP all-reduces on the last one).
-    Returns the mean of every value loss_fn returns, as a float64 tensor."""
-    total = 0
-    for i, (x, gen) in enumerate(batches):
-        sync = i == n - 1 or not isinstance(model, DDP)
-        with (nullcontext() if sync else model.no_sync()), common.autocast(device):
-            losses = loss_fn(x, gen)
-            (losses[0] / n).backward()
-        total = total + torch.stack([l.detach().double() for l in losses]) / n
-    return total
-
-
-def update(model, optimizer, lr, grad_clip):
-    """Set the lr, clip (if grad_clip > 0), step, zero the gradients. Returns the gradient norm."""
-    for group in optimizer.param_groups:
-        group['lr'] = lr
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm.item()
-
-
-def check_finite(values, what, it, ckpt_path):
-    if not torch.isfinite(values).all():
-        raise UserError(f"the {what} loss became {values.tolist()} at iteration {it}; lower --lr and --fake_lr "
-                        f"(the last good checkpoint is {ckpt_path})")
-
+# One iteration of Algorithm 1
 
 def iteration(state, teacher, objective, dataset, cfg, it, rank, world, device, ckpt_path=''):
-    """One iteration of Algorithm 1: `fake_steps` fake updates (eq. 10), one student update (eq. 11), the EMA.
-    state holds student, fake (DDP-wrapped under torchrun), their optimizers and the EMA. Returns the LOGGED values."""
+    """`fake_steps` fake updates (eq. 10), one student update (eq. 11), the EMAs. state holds student, fake
+    (DDP-wrapped under torchrun), their optimizers, the student's EMA and, with --fake_ema, the fake's average.
+    Returns the LOGGED values."""
     student, fake, local = state['student'], state['fake'], cfg['grad_accum'] // world
     lr_student = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'])
     lr_fake = common.learning_rate(it, cfg['fake_lr'], cfg['warmup_iters'])
+    steps = cfg['student_steps']
     # 1. eq. 10: the fake follows the student's current distribution (student forward without gradient)
     for j in range(cfg['fake_steps']):
-        fake_fn = lambda x, g: (fake_loss(common.unwrap(student), fake, objective, x, g),)
-        fake_stats = accumulate(fake, micro_batches(dataset, cfg, it, 1 + j, rank, world, device), fake_fn,
-                                local, device)
-        fake_stats = common.all_reduce_mean(fake_stats, world)
-        check_finite(fake_stats, 'fake', it, ckpt_path)
-        fake_norm = update(fake, state['fake_optimizer'], lr_fake, cfg['grad_clip'])
+        fake_fn = lambda x, g: (fake_loss(common.unwrap(student), fake, objective, x, g, steps),)
+        batches = common.micro_batches(dataset, cfg, it, 1 + j, rank, world, device)
+        fake_stats = common.all_reduce_mean(common.accumulate(fake, batches, fake_fn, local, device), world)
+        common.check_finite(fake_stats, 'fake', it, ckpt_path, FLAGS)
+        fake_norm = common.update(fake, state['fake_optimizer'], lr_fake, cfg['grad_clip'])
+        if 'fake_avg' in state:
+            state['fake_ema'].update(fake)
+            state['fake_ema'].copy_to(state['fake_avg'])
     # 2. eq. 11: the student lowers teacher-minus-fake loss; the fake (unwrapped: no DDP) is frozen inside
-    student_fn = lambda x, g: student_loss(student, teacher, common.unwrap(fake), objective, x, g)
-    stats = accumulate(student, micro_batches(dataset, cfg, it, 0, rank, world, device), student_fn, local, device)
-    stats = common.all_reduce_mean(stats, world)
-    check_finite(stats, 'IDLM', it, ckpt_path)
-    student_norm = update(student, state['optimizer'], lr_student, cfg['grad_clip'])
+    scorer = state.get('fake_avg', common.unwrap(fake))
+    student_fn = lambda x, g: student_loss(student, teacher, scorer, objective, x, g, steps, cfg['context_grad'])
+    batches = common.micro_batches(dataset, cfg, it, 0, rank, world, device)
+    stats = common.all_reduce_mean(common.accumulate(student, batches, student_fn, local, device), world)
+    common.check_finite(stats, 'IDLM', it, ckpt_path, FLAGS)
+    student_norm = common.update(student, state['optimizer'], lr_student, cfg['grad_clip'])
     state['ema'].update(student)
-    return [*stats.tolist(), fake_stats[0].item(), student_norm, fake_norm]
+    loss, teacher_loss, fake_value, context = stats.tolist()
+    return [loss - context, teacher_loss, fake_value, context, fake_stats[0].item(), student_norm, fake_norm]
+
+
+def fake_lag(state, objective, dataset, cfg, it, device):
+    """How far the fake is from its optimum for the current student: its loss on a probe batch of fresh student
+    samples (fixed noise), before and after cfg['track_steps'] extra updates of a copy on fresh batches (the run's
+    fake and optimizer are untouched). A large drop means the fake lags the student (Theorem 3.1 needs it at the
+    optimum). -> (loss before, loss after)"""
+    student = common.unwrap(state['student'])
+    fake = copy.deepcopy(common.unwrap(state['fake']))
+    optimizer = torch.optim.AdamW(fake.parameters(), cfg['fake_lr'], (0.9, cfg['beta2']))
+    optimizer.load_state_dict(copy.deepcopy(state['fake_optimizer'].state_dict()))   # no shared moment tensors
+    probe_cfg = {**cfg, 'grad_accum': 1}
+
+    def probe():
+        (x, g), = common.micro_batches(dataset, probe_cfg, it, 10_000, 0, 1, device)
+        with torch.no_grad():
+            return fake_loss(student, fake, objective, x, g, cfg['student_steps']).item()
+
+    before = probe()
+    for j in range(cfg['track_steps']):
+        batches = common.micro_batches(dataset, probe_cfg, it, 10_001 + j, 0, 1, device)
+        fn = lambda x, g: (fake_loss(student, fake, objective, x, g, cfg['student_steps']),)
+        common.accumulate(fake, batches, fn, 1, device)
+        common.update(fake, optimizer, cfg['fake_lr'], cfg['grad_clip'])
+    return before, probe()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Setup: the teacher (trained first if absent), the three networks, checkpoints
+# Setup and checkpoints
 
 def make_state(student, fake, cfg):
-    """What iteration() updates: student and fake, their AdamW optimizers and the student's EMA."""
+    """What iteration() updates: student and fake, their AdamW optimizers, the student's EMA and (--fake_ema) the
+    fake's EMA with a frozen module carrying it."""
     betas = (0.9, cfg['beta2'])
-    return {'student': student, 'fake': fake, 'ema': common.EMA(student, cfg['ema']),
-            'optimizer': torch.optim.AdamW(student.parameters(), cfg['lr'], betas, weight_decay=cfg['weight_decay']),
-            'fake_optimizer': torch.optim.AdamW(fake.parameters(), cfg['fake_lr'], betas,
-                                                weight_decay=cfg['weight_decay'])}
+    state = {'student': student, 'fake': fake, 'ema': common.EMA(student, cfg['ema']),
+             'optimizer': torch.optim.AdamW(student.parameters(), cfg['lr'], betas, weight_decay=cfg['weight_decay']),
+             'fake_optimizer': torch.optim.AdamW(fake.parameters(), cfg['fake_lr'], betas,
+                                                 weight_decay=cfg['weight_decay'])}
+    if cfg['fake_ema'] > 0:
+        state['fake_ema'] = common.EMA(fake, cfg['fake_ema'])
+        state['fake_avg'] = copy.deepcopy(fake).requires_grad_(False)
+    return state
 
 
-def every(done, interval):
-    return interval > 0 and done % interval == 0
-
-
-def folder_name(data):
-    return os.path.basename(os.path.normpath(data))
-
-
-def train_teacher(cfg, path):
-    """train.py with its CPU defaults for this teacher; under torchrun its global batch is split over processes."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(f"no teacher at {path}: training one first, as python train.py --teacher {cfg['teacher']} would")
-    train.train({**train.DEFAULTS, 'teacher': cfg['teacher'], 'data': cfg['data'], 'device': cfg['device'],
-                 'out_dir': os.path.dirname(path), 'grad_accum': world,
-                 'batch_size': max(1, train.DEFAULTS['batch_size'] // world)})
-
-
-def load_teacher(path, cfg, dataset):
-    """The frozen teacher f* (EMA weights, eval mode) and its checkpoint, checked against --teacher and --data."""
-    teacher, ckpt = common.load_model(path, which='ema')
-    kind = ckpt.get('teacher')
-    if kind == 'ar':
-        raise UserError(f"{path} holds an autoregressive model, which IDLM cannot distill; pass an mdlm, duo or "
-                        f"sedd --teacher_ckpt")
-    if kind != cfg['teacher']:
-        raise UserError(f"{path} holds a {kind!r} teacher, not --teacher {cfg['teacher']}; pass --teacher {kind} "
-                        f"or another --teacher_ckpt")
-    check_teacher_data(path, ckpt, dataset, cfg['data'])
-    teacher.eval().requires_grad_(False)
-    return teacher, ckpt
-
-
-def check_teacher_data(path, ckpt, dataset, data):
-    """The teacher must have been trained on data of this vocabulary and length (shared with distill_didi.py)."""
-    meta = ckpt['data_meta']
-    if (meta['vocab_size'], meta['seq_len']) != (dataset.vocab_size, dataset.seq_len):
-        raise UserError(f"{path} was trained on data of {meta['vocab_size']} tokens and length {meta['seq_len']}, "
-                        f"but --data {data} has {dataset.vocab_size} tokens and length {dataset.seq_len}; "
-                        f"pass the teacher's --data or another --teacher_ckpt")
+def check_config(cfg, world):
+    if cfg['teacher'] not in KINDS:
+        raise UserError(f"unknown --teacher {cfg['teacher']!r}; IDLM distills one of {', '.join(KINDS)}")
+    if cfg['fake_steps'] < 1:
+        raise UserError("--fake_steps must be at least 1: the fake has to follow the student (eq. 10)")
+    if cfg['student_steps'] < 0 or (cfg['student_steps'] > 0 and cfg['teacher'] != 'mdlm'):
+        raise UserError("--student_steps K (one sampler step per sample) is written for MDLM teachers; use K >= 1 "
+                        "with --teacher mdlm, or 0 (the paper's one-shot student)")
+    if cfg['context_grad'] and cfg['teacher'] != 'mdlm':
+        raise UserError("--context_grad is for MDLM teachers (Duo's gradient already reaches its context)")
+    if not 0 <= cfg['fake_ema'] < 1:
+        raise UserError(f"--fake_ema is a decay in [0, 1), not {cfg['fake_ema']}")
+    common.check_batch(cfg, world)
 
 
 def save(path, state, cfg, dataset, done, history):
@@ -287,8 +343,9 @@ def save(path, state, cfg, dataset, done, history):
         'kind': 'student', 'method': 'idlm', 'teacher': cfg['teacher'], 'config': cfg,
         'model_config': asdict(student.config), 'model': student.state_dict(), 'ema': state['ema'].state_dict(),
         'optimizer': state['optimizer'].state_dict(), 'fake': fake.state_dict(),
-        'fake_optimizer': state['fake_optimizer'].state_dict(), 'iter': done, 'rng': common.rng_state(),
-        'history': history, 'data_meta': dataset.meta,
+        'fake_optimizer': state['fake_optimizer'].state_dict(),
+        'fake_ema': state['fake_ema'].state_dict() if 'fake_ema' in state else {},
+        'iter': done, 'rng': common.rng_state(), 'history': history, 'data_meta': dataset.meta,
     })
 
 
@@ -301,54 +358,16 @@ def resume_from(path, cfg, state):
     state['optimizer'].load_state_dict(ckpt['optimizer'])
     state['fake_optimizer'].load_state_dict(ckpt['fake_optimizer'])
     state['ema'].load_state_dict(ckpt['ema'])
+    if 'fake_ema' in state:
+        state['fake_ema'].load_state_dict(ckpt['fake_ema'])
+        state['fake_ema'].copy_to(state['fake_avg'])
     common.set_rng_state(ckpt['rng'])
     return ckpt['iter'], ckpt['history']
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: K-step samples in float64 (sample.py), scored by eval.py's metrics
-
-def budgets(text):
-    return [int(s) for s in text.split(',') if s]
-
-
-def sample_rows(label, net, kind, schedule, dataset, language, judge, cfg, device, steps=None, disc=None, stream=1):
-    """One row per K in steps (default --eval_steps): NFE, true GenPPL (synthetic data), entropy, judge GenPPL (with
-    --judge), seconds per sequence. With a discriminator disc (distill_didi.py), the samples come from RGAS
-    (cfg's rgas_h, rgas_tilt, rgas_candidates). Every model sees the same noise at a given K and stream: stream 1
-    for the final table, stream 2 for the periodic evaluations that pick best.pt (so the table is not the sample
-    the choice was made on)."""
-    rows, N, L = [], dataset.vocab_size, dataset.seq_len
-    for K in steps or budgets(cfg['eval_steps']):
-        gen, start = common.step_generator(cfg['seed'] + stream, K, device=device), time.time()
-        if disc is None:
-            x, nfe = generate(net, kind, cfg['eval_samples'], L, K, N, gen, batch_size=cfg['batch_size'],
-                              schedule=schedule, progress=True)
-        else:
-            x, nfe = generate_rgas(net, disc, cfg['eval_samples'], L, K, N, gen, batch_size=cfg['batch_size'],
-                                   h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'],
-                                   candidates=cfg['rgas_candidates'])
-        rows.append({'model': label, 'steps': K, 'nfe': nfe, **evaluate_samples(x.cpu(), language, judge, N),
-                     'sec_per_seq': (time.time() - start) / len(x)})
-        tqdm.write(format_row(rows[-1]))
-    return rows
-
-
-def ema_student(student, ema, kind):
-    """A copy of the student carrying the EMA weights, ready for sample.generate (SEDD: read through its x0)."""
-    net = copy.deepcopy(common.unwrap(student)).eval()
-    ema.copy_to(net)
+def student_sampler(net, kind):
+    """What sample.generate draws from: the network, or for SEDD its scores read through its x0."""
     return StudentScores(net) if kind == 'sedd' else net
-
-
-def load_judge(cfg, N, device):
-    if not cfg['judge']:
-        return None
-    judge, _ = common.load_model(cfg['judge'])
-    if judge.config.head != 'ar' or judge.config.vocab_size != N + 1:
-        raise UserError(f"--judge {cfg['judge']} is not an AR model over this data's {N} tokens; "
-                        f"train one with python train.py --teacher ar --data {cfg['data']}")
-    return judge.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,36 +375,28 @@ def load_judge(cfg, N, device):
 
 def distill(cfg):
     """Distill with config dict cfg (DEFAULTS overridden). Returns the student checkpoint's path."""
-    if cfg['teacher'] not in KINDS:
-        raise UserError(f"unknown --teacher {cfg['teacher']!r}; IDLM distills one of {', '.join(KINDS)}")
-    teacher_path = cfg['teacher_ckpt'] or os.path.join('out', f"{cfg['teacher']}-{folder_name(cfg['data'])}", 'ckpt.pt')
-    if not cfg['teacher_ckpt'] and not os.path.exists(teacher_path) and cfg['data'] == 'synthetic':
-        train_teacher(cfg, teacher_path)
     rank, world, device = common.setup_distributed(cfg['device'])
+    check_config(cfg, world)
     master = rank == 0
-    if cfg['fake_steps'] < 1:
-        raise UserError("--fake_steps must be at least 1: the fake has to follow the student (eq. 10)")
-    if cfg['grad_accum'] % world:
-        raise UserError(f"--grad_accum {cfg['grad_accum']} is not divisible by the {world} processes; "
-                        f"use a multiple of {world} so every process gets the same number of micro-batches")
     if master:
         ensure_data(cfg['data'])  # prepares 'synthetic' or 'pydoc' on first use, once
     if world > 1:
         dist.barrier()
     dataset = load_data(ensure_data(cfg['data']))
     N = dataset.vocab_size
-    out_dir = cfg['out_dir'] or os.path.join('out', f"idlm-{cfg['teacher']}-{folder_name(cfg['data'])}")
+    out_dir = cfg['out_dir'] or os.path.join('out', f"idlm-{cfg['teacher']}-{common.folder_name(cfg['data'])}")
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
-    teacher, teacher_ckpt = load_teacher(teacher_path, cfg, dataset)
+    teacher, net, teacher_ckpt = train.load_teacher(cfg['teacher_ckpt'], cfg['teacher'], dataset, cfg['data'],
+                                                    cfg['device'], cfg['init'], KINDS)
     # Duo's schedule travels with the student, so sample.py and eval.py rebuild the teacher's from its config
     teacher_cfg = train.stored_config(teacher_ckpt['config'])
     cfg = {**cfg, **{k: teacher_cfg[k] for k in ('duo_gamma_min', 'duo_gamma_max', 'duo_spacing')}}
     objective = train.teacher_objective({**train.DEFAULTS, **cfg}, N)
     schedule = objective if cfg['teacher'] == 'duo' else 'loglinear'
     torch.manual_seed(cfg['seed'] + rank)  # only dropout draws from the global RNG; the data noise is seeded per step
-    teacher = teacher.to(device)
-    student, fake = (copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2))  # §3.3: both from f*
+    teacher = teacher.to(device) if isinstance(teacher, torch.nn.Module) else teacher
+    student, fake = (copy.deepcopy(net).to(device).train().requires_grad_(True) for _ in range(2))  # §3.3
     state = make_state(student, fake, cfg)
     start, history = 0, {'train': [], 'eval': []}
     if cfg['resume'] and os.path.exists(ckpt_path):
@@ -393,54 +404,59 @@ def distill(cfg):
         if master:
             print(f"resuming {ckpt_path} at iteration {start}")
     if world > 1:  # two wrappers: each all-reduces only in its own phase
-        student, fake = DDP(student), DDP(fake)
-        state.update(student=student, fake=fake)
-    judge, language = load_judge(cfg, N, device), dataset.language()
-    evaluate = cfg['eval_samples'] > 0 and any(cfg['eval_steps'].split(','))
-
-    def rows_at_budgets(label, net, steps=None, stream=1):
-        return sample_rows(label, net, cfg['teacher'], schedule, dataset, language, judge, cfg, device, steps,
-                           stream=stream)
+        state.update(student=DDP(student), fake=DDP(fake))
+    judge = evaluation.load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
+    bench = evaluation.Bench(dataset, judge, cfg['eval_samples'], cfg['batch_size'], cfg['seed'], device)
+    evaluator = evaluation.Evaluator(bench, cfg, cfg['teacher'], schedule)
+    evaluate = cfg['eval_samples'] > 0 and bool(evaluator.steps())
 
     best_path = os.path.join(out_dir, 'best.pt')
     if master and 'best' not in history and os.path.exists(best_path):
         os.remove(best_path)  # from an earlier run in this out_dir: it would pass for this run's choice
     # best.pt needs a GenPPL (the synthetic language's, or a --judge's) and the teacher's many-step row to stay near;
     # without a GenPPL (e.g. OpenWebText scored by GPT-2 afterwards) that teacher run would be wasted
-    keep_best = evaluate and cfg['keep_best'] and (language is not None or judge is not None)
+    keep_best = evaluate and cfg['keep_best'] and (bench.language is not None or judge is not None)
     if keep_best and master and 'reference' not in history:
-        history['reference'] = rows_at_budgets(f"teacher {cfg['teacher']}", teacher, teacher_budgets(cfg)[-1:], 2)[0]
+        history['reference'] = evaluator.reference(teacher, evaluator.teacher_steps())
 
     if master:
-        print(f"IDLM-{cfg['teacher']}: teacher {teacher_path}, {teacher.num_params() / 1e6:.2f}M parameters x 3, "
-              f"data {dataset.path} (N={N}, L={dataset.seq_len}), global batch {cfg['batch_size'] * cfg['grad_accum']},"
-              f" {world} process(es), {device}")
+        print(f"IDLM-{cfg['teacher']}: teacher {cfg['teacher_ckpt'] or 'default'}, {net.num_params() / 1e6:.2f}M "
+              f"parameters x {2 if cfg['teacher_ckpt'] == 'exact' else 3}, data {dataset.path} (N={N}, "
+              f"L={dataset.seq_len}), global batch {cfg['batch_size'] * cfg['grad_accum']}, {world} process(es), "
+              f"{device}")
     window, t0 = [], time.time()   # per-iteration numbers since the last log line, averaged into one row
     bar = tqdm(range(start, cfg['max_iters']), initial=start, total=cfg['max_iters'], disable=not master,
                desc=f"IDLM {cfg['teacher']}", dynamic_ncols=True, mininterval=5)
     for it in bar:
         window.append(iteration(state, teacher, objective, dataset, cfg, it, rank, world, device, ckpt_path))
-
         done = it + 1
-        if done == cfg['max_iters'] or every(done, cfg['log_every']):
+        if done == cfg['max_iters'] or common.every(done, cfg['log_every']):
             means = torch.tensor(window, dtype=torch.float64).mean(0).tolist()
-            lr = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'])
-            row = {'iter': done, **dict(zip(LOGGED, means)), 'lr': lr, 'minutes': (time.time() - t0) / 60}
+            row = {'iter': done, **dict(zip(LOGGED, means)), 'lr': common.learning_rate(it, cfg['lr'], cfg['warmup_iters']),
+                   'minutes': (time.time() - t0) / 60}
+            if master and cfg['track_steps'] > 0:
+                with torch.random.fork_rng(devices=[]):   # a diagnostic: the run's dropout draws stay as they were
+                    row['fake_probe_before'], row['fake_probe_after'] = fake_lag(state, objective, dataset, cfg, it,
+                                                                                 device)
+                row['fake_lag'] = row['fake_probe_before'] - row['fake_probe_after']
             history['train'].append(row)
             window = []
             bar.set_postfix(gap=f"{row['gap']:.4f}", teacher=f"{row['teacher_loss']:.3f}",
-                            fake=f"{row['fake_loss']:.3f}", gnorm=f"{row['student_grad_norm']:.2f}")
-        if evaluate and master and (done == cfg['max_iters'] or every(done, cfg['eval_interval'])):
-            net = ema_student(student, state['ema'], cfg['teacher'])
-            rows = rows_at_budgets(f"IDLM student @{done} (EMA)", net, stream=2)
-            history['eval'] += [{'iter': done, **r} for r in rows]
-            largest = max(rows, key=lambda r: r['steps'])
-            if keep_best and better(largest, history.get('best'), history['reference'], cfg['entropy_tolerance']):
+                            fake=f"{row['fake_loss']:.3f}", gnorm=f"{row['student_grad_norm']:.2f}",
+                            **({'lag': f"{row['fake_lag']:.4f}"} if 'fake_lag' in row else {}))
+        if evaluate and master and (done == cfg['max_iters'] or common.every(done, cfg['eval_interval'])):
+            series = {'EMA': (student_sampler(state['ema'].averaged_copy(student), cfg['teacher']), None)}
+            if cfg['eval_raw']:
+                series['raw'] = (student_sampler(copy.deepcopy(common.unwrap(student)).eval(), cfg['teacher']), None)
+            rows = evaluator.periodic(history, done, series)
+            largest = max((r for r in rows if r['series'] == 'EMA'), key=lambda r: r['steps'])
+            if keep_best and evaluation.better(largest, history.get('best'), history['reference'],
+                                               cfg['entropy_tolerance']):
                 history['best'] = {'iter': done, **largest}
                 save(best_path, state, cfg, dataset, done, history)
                 tqdm.write(f"best.pt <- iteration {done}: within {cfg['entropy_tolerance']:.0%} of the teacher's "
                            f"entropy at {history['reference']['steps']} steps, lowest GenPPL so far")
-        if master and (done == cfg['max_iters'] or every(done, cfg['ckpt_interval'])):
+        if master and (done == cfg['max_iters'] or common.every(done, cfg['ckpt_interval'])):
             save(ckpt_path, state, cfg, dataset, done, history)
     bar.close()
     if master:
@@ -448,108 +464,19 @@ def distill(cfg):
         with open(os.path.join(out_dir, 'history.json'), 'w') as f:
             json.dump(history, f, indent=1)
         if evaluate:
-            student_rows = rows_at_budgets(f"IDLM student @{cfg['max_iters']} (EMA, last)",
-                                           ema_student(student, state['ema'], cfg['teacher']))
+            last = student_sampler(state['ema'].averaged_copy(student), cfg['teacher'])
+            students = [(f"IDLM student @{cfg['max_iters']} (EMA, last)", last, None)]
             if 'best' in history and history['best']['iter'] != cfg['max_iters']:
-                best, *_ = load_sampler(best_path, device)
-                student_rows += rows_at_budgets(f"IDLM student @{history['best']['iter']} (EMA, best.pt)", best)
+                students.append((f"IDLM student @{history['best']['iter']} (EMA, best.pt)",
+                                 load_sampler(best_path, device)[0], None))
             elif 'best' in history:
                 print(f"best.pt holds the last iteration's student ({cfg['max_iters']})")
             elif keep_best:
                 print(f"no evaluation came within {cfg['entropy_tolerance']:.0%} of the teacher's entropy at no "
                       f"worse GenPPL, so there is no best.pt")
-            teacher_rows = rows_at_budgets(f"teacher {cfg['teacher']}", teacher, teacher_budgets(cfg))
-            rows = results_table(teacher_rows + student_rows, dataset, language, judge, cfg, out_dir,
-                                 cfg['entropy_tolerance'])
-            plot_history(history, rows, os.path.join(out_dir, 'history.png'), cfg['entropy_tolerance'])
+            tails = (False, True) if cfg['teacher'] == 'duo' else (False,)
+            evaluator.final(teacher, students, out_dir, history, tails)
     return ckpt_path
-
-
-def matches(row, reference, tolerance):
-    """The target: GenPPL no worse than the reference's (the teacher at its most steps) and entropy at least
-    (1 - tolerance) times its entropy. GenPPL is the true one, else the judge's."""
-    key = genppl_key(row)
-    return key is not None and row[key] <= reference[key] and row['entropy'] >= (1 - tolerance) * reference['entropy']
-
-
-def better(row, best, reference, tolerance):
-    """Does this evaluation row replace best? It must match the reference; then the lower GenPPL wins."""
-    return matches(row, reference, tolerance) and (best is None or row[genppl_key(row)] < best[genppl_key(row)])
-
-
-def teacher_budgets(cfg):
-    return sorted(set(budgets(cfg['eval_steps']) + budgets(cfg['teacher_steps'])))
-
-
-def most_steps_teacher(rows):
-    """The teacher's row with the most steps: the reference a student is judged against (None without one)."""
-    return max((r for r in rows if r['model'].startswith('teacher')), key=lambda r: r['steps'], default=None)
-
-
-def verdicts(rows, tolerance):
-    """One line per plain student row: its GenPPL and entropy against the teacher's row with the most steps, and
-    whether it matches() it."""
-    teacher = most_steps_teacher(rows)
-    key = genppl_key(teacher) if teacher is not None else None
-    lines = []
-    for r in rows:
-        if key is None or r['model'].startswith(('teacher', 'data')) or 'RGAS' in r['model']:
-            continue
-        change = 100 * (r['entropy'] / teacher['entropy'] - 1)
-        lines.append(f"- {r['model']} at {r['steps']} steps: GenPPL {r[key]:.3f} vs {teacher[key]:.3f}, entropy "
-                     f"{r['entropy']:.3f} vs {teacher['entropy']:.3f} ({change:+.2f}%) against the teacher at "
-                     f"{teacher['steps']} steps: {'matched' if matches(r, teacher, tolerance) else 'not matched'}")
-    return lines
-
-
-def results_table(rows, dataset, language, judge, cfg, out_dir, tolerance=0.02):
-    """Teacher and (EMA) student rows, below the held-out data's own row, and verdicts (GenPPL no worse, entropy
-    within tolerance of the teacher at its most steps): printed, and saved as out_dir/results.md (eval.py's table)."""
-    reference = dataset.batch('val', torch.arange(min(cfg['eval_samples'], len(dataset.val))))
-    rows = [{'model': 'data (held out)', 'steps': 0, **evaluate_samples(reference, language, judge,
-                                                                       dataset.vocab_size)}] + rows
-    table = markdown_table(rows, language) + '\n' + '\n'.join(verdicts(rows, tolerance)) + '\n'
-    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-        f.write(table)
-    print('\n' + table)
-    return rows
-
-
-def plot_history(history, rows, path, tolerance=0.02):
-    """GenPPL and entropy of the EMA student against iterations, one line per K (RGAS dashed), with the teacher at
-    its most steps (from the final rows) as the line to match (entropy: and the tolerance band below it). Skipped
-    without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
-    evals = history['eval']
-    key = genppl_key(evals[0]) if evals else None
-    teacher = most_steps_teacher(rows)
-    panels = ([key] if key else []) + ['entropy']
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, k in zip(axes[0], panels):
-        for guided in (False, True):
-            for K in sorted({r['steps'] for r in evals}):
-                pts = [(r['iter'], r[k]) for r in evals if r['steps'] == K and ('RGAS' in r['model']) == guided]
-                if pts:
-                    ax.plot(*zip(*pts), marker='o', ls='--' if guided else '-',
-                            label=f"student, {K} steps{', RGAS' if guided else ''}")
-        if teacher is not None:
-            ax.axhline(teacher[k], color='k', ls=':', lw=1.5, label=f"teacher, {teacher['steps']} steps")
-            if k == 'entropy':
-                ax.axhspan((1 - tolerance) * teacher[k], teacher[k], color='k', alpha=0.08,
-                           label=f"within {tolerance:.0%} of the teacher")
-        ax.set_xlabel('iteration')
-        ax.set_ylabel({'genppl_true': 'true GenPPL', 'genppl_judge': 'judge GenPPL', 'entropy': 'entropy (nats)'}[k])
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ import torch
 import common
 import data as data_module
 import distill_idlm as idlm
+import eval as evaluation
 import sample
 import train
 from common import UserError
@@ -151,7 +152,7 @@ def test_student_outputs_x0_probabilities(teachers, kind):
     one-hot carry-over where x_t~ is not masked (absorbing), and for SEDD proportional to exp(score) elsewhere."""
     root, data = teachers
     _, student, _, objective = three_networks(root / kind)
-    noisy = idlm.student_input(objective, real_batch(data), gen(0))
+    noisy, _ = idlm.student_input(objective, real_batch(data), gen(0))
     x0 = idlm.student_x0(student, objective, noisy)
     assert x0.shape == (16, 8, 8) and (x0 >= 0).all() and torch.allclose(x0.sum(-1), torch.ones(16, 8))
     if kind == 'duo':
@@ -170,7 +171,7 @@ def test_student_outputs_x0_probabilities(teachers, kind):
 def test_student_step_gives_gradient_to_the_student_only(teachers, kind):
     root, data = teachers
     teacher, student, fake, objective = three_networks(root / kind, perturb=0.5)
-    loss, teacher_loss, fake_loss = idlm.student_loss(student, teacher, fake, objective, real_batch(data), gen(0))
+    loss, teacher_loss, fake_loss, _ = idlm.student_loss(student, teacher, fake, objective, real_batch(data), gen(0))
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in fake.parameters()) and all(p.requires_grad for p in fake.parameters())
@@ -224,11 +225,11 @@ def test_one_iteration_moves_student_and_fake_not_teacher(teachers):
     start_student = {k: v.clone() for k, v in student.state_dict().items()}
     opt_s, opt_f = (torch.optim.AdamW(m.parameters(), 1e-3) for m in (student, fake))
     x, cpu = real_batch(data), torch.device('cpu')
-    idlm.accumulate(fake, [(x, gen(0))], lambda x, g: (idlm.fake_loss(student, fake, objective, x, g),), 1, cpu)
-    idlm.update(fake, opt_f, 1e-3, 0.0)
-    idlm.accumulate(student, [(x, gen(1))], lambda x, g: idlm.student_loss(student, teacher, fake, objective, x, g),
+    common.accumulate(fake, [(x, gen(0))], lambda x, g: (idlm.fake_loss(student, fake, objective, x, g),), 1, cpu)
+    common.update(fake, opt_f, 1e-3, 0.0)
+    common.accumulate(student, [(x, gen(1))], lambda x, g: idlm.student_loss(student, teacher, fake, objective, x, g),
                     1, cpu)
-    idlm.update(student, opt_s, 1e-3, 0.0)
+    common.update(student, opt_s, 1e-3, 0.0)
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
     assert any(not torch.equal(v, student.state_dict()[k]) for k, v in start_student.items())
     assert any(not torch.equal(v, fake.state_dict()[k]) for k, v in before.items())
@@ -372,7 +373,7 @@ def test_missing_default_teacher_is_trained_then_evaluated(tmp_path, monkeypatch
     table = open('out/idlm-mdlm-synthetic/results.md').read()
     assert 'teacher mdlm' in table and 'IDLM student' in table and 'true GenPPL' in table
     assert '| teacher mdlm | 16 |' in table                        # --teacher_steps: the many-step reference row
-    verdicts = [line for line in table.splitlines() if 'against the teacher at 16 steps' in line]
+    verdicts = [line for line in table.splitlines() if 'against teacher mdlm at 16 steps' in line]
     assert len(verdicts) == 2 and all('matched' in line for line in verdicts)   # one per student budget
     try:
         import matplotlib  # noqa: F401  (optional: the plot is skipped without it)
@@ -386,13 +387,13 @@ def test_missing_default_teacher_is_trained_then_evaluated(tmp_path, monkeypatch
 def test_best_is_the_lowest_genppl_within_the_entropy_tolerance():
     reference = {'steps': 1024, 'genppl_true': 6.0, 'entropy': 3.0}
     row = lambda ppl, ent: {'steps': 16, 'genppl_true': ppl, 'entropy': ent}
-    assert idlm.better(row(5.9, 2.95), None, reference, 0.02)                  # -1.7% entropy, lower GenPPL
-    assert not idlm.better(row(5.9, 2.93), None, reference, 0.02)              # -2.3%: too much entropy lost
-    assert not idlm.better(row(6.1, 3.00), None, reference, 0.02)              # GenPPL worse than the teacher's
-    assert not idlm.better(row(5.9, 2.99), row(5.8, 2.95), reference, 0.02)    # qualifies, but not the lowest
-    assert idlm.better(row(5.7, 2.99), row(5.8, 2.95), reference, 0.02)
+    assert evaluation.better(row(5.9, 2.95), None, reference, 0.02)                  # -1.7% entropy, lower GenPPL
+    assert not evaluation.better(row(5.9, 2.93), None, reference, 0.02)              # -2.3%: too much entropy lost
+    assert not evaluation.better(row(6.1, 3.00), None, reference, 0.02)              # GenPPL worse than the teacher's
+    assert not evaluation.better(row(5.9, 2.99), row(5.8, 2.95), reference, 0.02)    # qualifies, but not the lowest
+    assert evaluation.better(row(5.7, 2.99), row(5.8, 2.95), reference, 0.02)
     judged = {'steps': 16, 'genppl_judge': 50.0, 'entropy': 3.0}               # real text: the judge's GenPPL
-    assert idlm.better(judged, None, {'steps': 64, 'genppl_judge': 60.0, 'entropy': 3.0}, 0.02)
+    assert evaluation.better(judged, None, {'steps': 64, 'genppl_judge': 60.0, 'entropy': 3.0}, 0.02)
 
 
 def test_best_checkpoint_is_kept_and_reported(tmp_path, monkeypatch):
@@ -403,7 +404,7 @@ def test_best_checkpoint_is_kept_and_reported(tmp_path, monkeypatch):
     prepare_synthetic(str(tmp_path / 'data' / 'synthetic'), num_train=64, num_val=16, N=8, L=8, K=2)
     for key, value in dict(model='tiny', max_iters=2, batch_size=8, eval_batches=1, warmup_iters=1).items():
         monkeypatch.setitem(train.DEFAULTS, key, value)
-    monkeypatch.setattr(idlm, 'better', lambda row, best, reference, tolerance: best is None)
+    monkeypatch.setattr(idlm.evaluation, 'better', lambda row, best, reference, tolerance: best is None)
     idlm.main(['--teacher=mdlm', '--max_iters=2', '--batch_size=4', '--eval_samples=6', '--eval_steps=2,4',
                '--eval_interval=1', '--teacher_steps=16'])
     best = torch.load('out/idlm-mdlm-synthetic/best.pt', weights_only=False)

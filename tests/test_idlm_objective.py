@@ -1,0 +1,275 @@
+"""What IDLM's objective optimises for a multistep student, on a space small enough to enumerate (N = 3 tokens,
+L = 3 positions, the absorbing process with alpha_t = 1 - t, exact denoisers):
+
+1. the gradient the code follows (App. C.1: the soft target only, context tokens drawn from sg(G)) against the exact
+   gradient of eq. 8, and the score-function term (distill_idlm.context_term) that makes up the difference;
+2. why the one-shot student sheds entropy: eq. 8's p_theta is a mixture of one-jump samples from noised REAL
+   sequences, which can equal p* while the K-step sampler built from the same G is collapsed;
+3. the step objective (--student_steps K): one sampler step scored by the teacher's loss on the state it reaches,
+   whose optimum is a K-step sampler close to p* with no entropy lost.
+
+The student is a table: for every input state z (4^3 = 64) its logits (L, N); SUBS carry-over where z is clean."""
+import itertools
+import math
+
+import torch
+
+import distill_idlm as idlm
+from losses import MDLMObjective, Noisy
+
+F64 = torch.float64
+N, L, M = 3, 3, 3
+SEQS = torch.tensor(list(itertools.product(range(N), repeat=L)))                 # (27, L)
+STATES = torch.tensor(list(itertools.product(range(N + 1), repeat=L)))           # (64, L)
+INDEX = {tuple(s.tolist()): i for i, s in enumerate(STATES)}
+MASKED = (STATES == M)
+
+
+def consistent(z, x):
+    return ((z[:, None] == x[None]) | (z[:, None] == M)).all(-1)
+
+
+def denoiser_table(p):
+    """The exact MDLM denoiser of a distribution p over the 27 sequences, for every state: (64, L, N)."""
+    c = consistent(STATES, SEQS).to(F64) * p[None]
+    w = c / c.sum(-1, keepdim=True).clamp_min(1e-300)
+    post = torch.einsum('zs,sln->zln', w, torch.nn.functional.one_hot(SEQS, N).to(F64))
+    carry = torch.nn.functional.one_hot(STATES.clamp_max(N - 1), N).to(F64)
+    return torch.where(MASKED[..., None], post, carry)
+
+
+class Table(torch.nn.Module):
+    """A denoiser table dressed as a network: ids (B, L) -> SUBS log x0_hat (B, L, N + 1)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, z, sigma=None):
+        rows = self.table[torch.tensor([INDEX[tuple(r.tolist())] for r in z])].clamp_min(1e-300).log()
+        return torch.cat([rows, torch.full_like(rows[..., :1], -1e6)], -1)
+
+
+def student_G(logits):
+    return torch.where(MASKED[..., None], logits.softmax(-1),
+                       torch.nn.functional.one_hot(STATES.clamp_max(N - 1), N).to(F64))
+
+
+def marginal(p, t):
+    """q_t over states (64,): x ~ p, each position masked with probability t."""
+    k = MASKED.sum(-1).to(F64)
+    return (consistent(STATES, SEQS).to(F64) * p[None]).sum(-1) * t ** k * (1 - t) ** (L - k)
+
+
+def input_probs(p):
+    """The student's inputs: x~0 ~ p noised at t~ ~ U(0, 1); int t^k (1 - t)^(L - k) dt = k!(L - k)!/(L + 1)!."""
+    k = MASKED.sum(-1)
+    beta = torch.tensor([math.factorial(int(a)) * math.factorial(L - int(a)) / math.factorial(L + 1) for a in k])
+    return (consistent(STATES, SEQS).to(F64) * p[None]).sum(-1) * beta
+
+
+def p_theta(logits, Pz):
+    """eq. 8's p_theta: the mixture over inputs of the product of G's outputs. (27,)"""
+    G = student_G(logits)
+    return (Pz[:, None] * G[:, torch.arange(L)[None], SEQS].prod(-1)).sum(0)
+
+
+def nelbo(f):
+    """The exact MDLM NELBO of every sequence under a denoiser table f: sum over mask sets S of CE_S / (k C(L, k))."""
+    total = torch.zeros(len(SEQS), dtype=F64)
+    for k in range(1, L + 1):
+        for S in itertools.combinations(range(L), k):
+            z = SEQS.clone()
+            z[:, list(S)] = M
+            logf = f[torch.tensor([INDEX[tuple(r.tolist())] for r in z])].clamp_min(1e-300).log()
+            ce = -logf[torch.arange(len(SEQS))[:, None], torch.arange(L)[None], SEQS][:, list(S)].sum(-1)
+            total = total + ce / (k * math.comb(L, k))
+    return total
+
+
+def one_shot_loss(logits, Pz, f_star, detach_fake=True):
+    """eq. 8 with exact denoiser tables (teacher: p*'s; fake: p_theta's, the inner min)."""
+    p = p_theta(logits, Pz)
+    fake = denoiser_table(p.detach() if detach_fake else p)
+    return (p * (nelbo(f_star) - nelbo(fake))).sum()
+
+
+def code_expectation(logits, Pz, teacher, fake, with_context):
+    """The code's student loss (distill_idlm.token_gaps, and with_context distill_idlm.context_term) summed exactly
+    over its randomness: the input z, the mask set S, and the context tokens drawn from sg(G(z)). mdlm_loss's weight
+    is made 1 (alpha = 0, alpha' = -1) and the mask-count weight 1/(k C(L, k)) is applied here."""
+    G = student_G(logits)
+    objective, total = MDLMObjective(N), 0.0
+    for zi in range(len(STATES)):
+        if Pz[zi] == 0:
+            continue
+        for k in range(1, L + 1):
+            for S in itertools.combinations(range(L), k):
+                U = [j for j in range(L) if j not in S]
+                for tokens in itertools.product(range(N), repeat=len(U)):
+                    x_t = torch.full((1, L), M)
+                    x_t[0, U] = torch.tensor(tokens, dtype=torch.long)
+                    p_context = math.prod(G[zi, j, y].item() for j, y in zip(U, tokens))
+                    if p_context == 0:
+                        continue
+                    noisy = Noisy(input=x_t, sigma=torch.zeros(1), x_t=x_t, alpha=torch.zeros(1, 1, dtype=F64),
+                                  dalpha=-torch.ones(1, 1, dtype=F64))
+                    x0 = G[zi:zi + 1]
+                    gaps = idlm.token_gaps(teacher, fake, objective, x0, noisy)[0]        # (1, L)
+                    value = gaps.sum()
+                    if with_context:        # one sequence: the baseline is 0, the term is r * log P(context)
+                        value = value + idlm.context_term(x0, noisy, gaps, M) * gaps.numel()
+                    total = total + Pz[zi] * p_context / (k * math.comb(L, k)) * value
+    return total
+
+
+def language(seed):
+    """A structured p*: a Markov chain with sparse-ish transitions, like the benchmark's."""
+    g = torch.Generator().manual_seed(seed)
+    T = torch.rand(N, N, generator=g, dtype=F64) ** 3 + 0.02
+    T = T / T.sum(-1, keepdim=True)
+    p = T[SEQS[:, 0], SEQS[:, 1]] * T[SEQS[:, 1], SEQS[:, 2]] / N
+    return p / p.sum()
+
+
+def test_the_codes_gradient_is_the_exact_one_minus_the_context_term():
+    """At a student away from everything: (a) the envelope theorem, the fake's dependence on theta does not change
+    the gradient; (b) the code's soft-target gradient differs from the exact gradient of eq. 8 but points the same
+    way; (c) adding distill_idlm.context_term (the score-function term for the context tokens) makes them equal."""
+    p_star = language(0)
+    Pz = input_probs(p_star)
+    f_star = denoiser_table(p_star)
+    g = torch.Generator().manual_seed(1)
+    logits = (f_star.clamp_min(1e-9).log() + 0.5 * torch.randn(f_star.shape, generator=g, dtype=F64)).requires_grad_()
+    exact, = torch.autograd.grad(one_shot_loss(logits, Pz, f_star), logits)
+    through_fake, = torch.autograd.grad(one_shot_loss(logits, Pz, f_star, detach_fake=False), logits)
+    assert torch.allclose(exact, through_fake, atol=1e-12)                                        # (a)
+    teacher, fake = Table(f_star), Table(denoiser_table(p_theta(logits, Pz).detach()))
+    code, = torch.autograd.grad(code_expectation(logits, Pz, teacher, fake, False), logits)
+    fixed, = torch.autograd.grad(code_expectation(logits, Pz, teacher, fake, True), logits)
+    free = MASKED[..., None].expand_as(exact)                                                     # the parameters
+    cos = torch.nn.functional.cosine_similarity(exact[free], code[free], 0)
+    assert 0.5 < cos < 0.999                                                                      # (b)
+    assert torch.allclose(exact[free], fixed[free], atol=1e-10)                                   # (c)
+
+
+def sampler_distribution(logits, K):
+    """The exact distribution over sequences (27,) of the K-step ancestral sampler that uses G (the student)."""
+    G = student_G(logits).detach()
+    dist = torch.zeros(len(STATES), dtype=F64)
+    dist[INDEX[(M,) * L]] = 1.0
+    for k in range(K):
+        t, s = 1 - k / K, 1 - (k + 1) / K
+        dist = step_distribution(G, dist, t, s)
+    clean = (~MASKED).all(-1)
+    return dist[clean]    # the clean states in itertools order are SEQS's order
+
+
+def step_distribution(G, q, t, s):
+    """One ancestral step t -> s from a distribution q over states (64,) with x0 probabilities G -> (64,)."""
+    u = (t - s) / t
+    moves = torch.where(MASKED[..., None], torch.cat([u * G, torch.full_like(G[..., :1], 1 - u)], -1),
+                        torch.nn.functional.one_hot(STATES, N + 1).to(F64))                     # (64, L, N + 1)
+    return (q[:, None] * moves[:, torch.arange(L)[None], STATES].prod(-1)).sum(0)
+
+
+def step_kl(logits, p_star, K, grid=8):
+    """The step objective at its ideal fake: the mean over t~ of KL(one student step from q_t~ || q_s~)."""
+    G, total = student_G(logits), 0.0
+    for g in range(grid):
+        t = (g + 0.5) / grid
+        s = max(0.0, t - 1.0 / K)
+        P, q = step_distribution(G, marginal(p_star, t), t, s), marginal(p_star, s)
+        keep = P > 0
+        total = total + (P[keep] * (P[keep] / q[keep]).log()).sum() / grid
+    return total
+
+
+def descend(loss_fn, init, steps=200, lr=0.05):
+    logits = init.clone().requires_grad_()
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    for _ in range(steps):
+        logits.grad, = torch.autograd.grad(loss_fn(logits), logits)
+        optimizer.step()
+    return logits.detach()
+
+
+def entropy(p):
+    return -(p * p.clamp_min(1e-300).log()).sum().item()
+
+
+def test_one_shot_objective_reaches_its_optimum_with_a_collapsed_sampler_and_the_step_objective_does_not():
+    """From the teacher (G = p*'s exact marginals), exact gradient descent on eq. 8 drives KL(p_theta || p*) to
+    nearly 0, yet the 3-step sampler built from the same G ends BELOW the data's entropy (mode-seeking): eq. 8
+    constrains the mixture of one-jump samples, not the sampler. Descent on the step objective (K = 3) gives a 3-step
+    sampler several times closer to p* in KL, with no entropy lost."""
+    p_star = language(0)
+    Pz, f_star = input_probs(p_star), denoiser_table(p_star)
+    init = f_star.clamp_min(1e-9).log()
+    H = entropy(p_star)
+    kl_to_data = lambda q: (q * (q / p_star).log()).sum().item()
+    one_shot = descend(lambda th: one_shot_loss(th, Pz, f_star), init)
+    q_one = sampler_distribution(one_shot, 3)
+    p_one = p_theta(one_shot, Pz)
+    assert (p_one * (p_one / p_star).log()).sum() < 0.01                    # eq. 8's own optimum, nearly
+    assert entropy(q_one) < H - 0.05                                         # ... with a collapsed 3-step sampler
+    step = descend(lambda th: step_kl(th, p_star, 3), init)
+    q_step = sampler_distribution(step, 3)
+    assert entropy(q_step) > H - 0.01
+    assert kl_to_data(q_step) < 0.5 * kl_to_data(q_one)
+    assert kl_to_data(sampler_distribution(init, 3)) > kl_to_data(q_step)   # and better than the teacher's sampler
+
+
+def test_step_objective_by_the_code_is_zero_at_the_true_marginal_and_positive_off_it():
+    """distill_idlm's step objective, summed exactly: a distribution P over partly masked states x_s, each re-masked
+    by a set S of its tokens with the sub-process weight B(k, n - k + 1) (= E_u of mdlm_loss's 1/u weight), scored
+    by distill_idlm.token_gaps with the teacher (p*'s exact denoiser) and the fake (the best denoiser of P that sees
+    only the re-masked state, as a network does). It is 0 at P = q_s, positive away from it, and at most KL(P || q_s)
+    (the fake does not know which masks were already there)."""
+    p_star = language(2)
+    objective = MDLMObjective(N)
+    q_s = marginal(p_star, 0.4)
+    teacher = Table(denoiser_table(p_star))
+    remask = []                                                     # (state, re-masked state, S, weight)
+    for xi, xs in enumerate(STATES.tolist()):
+        U = [i for i in range(L) if xs[i] != M]
+        for k in range(1, len(U) + 1):
+            w = math.factorial(k - 1) * math.factorial(len(U) - k) / math.factorial(len(U))
+            for S in itertools.combinations(U, k):
+                z = list(xs)
+                for i in S:
+                    z[i] = M
+                remask.append((xi, INDEX[tuple(z)], S, w))
+
+    def blind_fake(P):
+        acc = torch.zeros(len(STATES), L, N, dtype=F64)
+        for xi, zi, S, w in remask:
+            for i in S:
+                acc[zi, i, STATES[xi, i]] += P[xi] * w
+        total = acc.sum(-1, keepdim=True)
+        return Table(torch.where(total > 0, acc / total.clamp_min(1e-300), torch.full_like(acc, 1.0 / N)))
+
+    def loss(P):
+        fake, value = blind_fake(P), 0.0
+        for xi, zi, S, w in remask:
+            if P[xi] == 0:
+                continue
+            x_s = torch.nn.functional.one_hot(STATES[xi:xi + 1].clamp_max(N - 1), N).to(F64) * (~MASKED[xi:xi + 1])[..., None]
+            z = STATES[zi:zi + 1]
+            noisy = Noisy(input=z, sigma=torch.zeros(1), x_t=z, alpha=torch.zeros(1, 1, dtype=F64),
+                          dalpha=-torch.ones(1, 1, dtype=F64))
+            gaps = idlm.token_gaps(teacher, fake, objective, x_s, noisy)[0]
+            value += P[xi] * w * gaps[0, list(S)].sum().item()
+        return value
+
+    assert abs(loss(q_s)) < 1e-10
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        P = q_s * torch.exp(0.8 * torch.randn(len(STATES), generator=g, dtype=F64))
+        pattern = MASKED.to(torch.long) @ (2 ** torch.arange(L))            # keep each mask pattern's probability
+        for code in pattern.unique():
+            sel = pattern == code
+            P[sel] = P[sel] / P[sel].sum() * q_s[sel].sum()
+        kl = (P * (P / q_s).log()).sum().item()
+        value = loss(P)
+        assert 1e-6 < value <= kl + 1e-10

@@ -53,7 +53,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
-import distill_idlm as idlm
+import eval as evaluation
+import train
 from common import UserError
 from data import ensure_data, load_data
 from model import Discriminator, discriminator_reward
@@ -63,7 +64,10 @@ from sample import generate, mdlm_step
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value; a positional argument is a config file of `key = value` lines)
 teacher = 'mdlm'          # DiDi-Instruct distills MDLM teachers (absorbing process, SUBS head)
-teacher_ckpt = ''         # default: out/mdlm-<data folder name>/ckpt.pt, trained first if absent on 'synthetic'
+teacher_ckpt = ''         # default: out/mdlm-<data folder name>/ckpt.pt, trained first if absent on 'synthetic';
+                          # 'exact': the synthetic language's exact denoiser (a perfect teacher)
+init = ''                 # the network student and discriminator are copied from; default: the teacher (with
+                          # 'exact': the trained default teacher)
 data = 'synthetic'
 out_dir = ''              # default: out/didi-mdlm-<data folder name>
 real = 'data'             # teacher samples x': 'data' (training sequences, as the public code) | 'bank'
@@ -81,6 +85,11 @@ weight_decay = 0.01       # student (DiDi Table 5); the discriminator has none
 grad_clip = 1.0           # both networks; 0: off
 ema = 0.99                # EMA of the student, evaluated and saved as 'ema' (the paper: 0.9999 over 10k iterations)
 group_size = 4            # G of eq. 7: rewards are standardised within groups of G sequences of a micro-batch
+group_share = 'none'      # what a group's G sequences share: none | tau (and the discriminator's time t) | state
+                          # (tau and the intermediate state z_tau: G continuations of one prompt)
+reward = 'disc'           # disc: the discriminator's log-ratio (eq. 6) | oracle: the exact log-likelihood per token
+                          # of the synthetic language, standardised the same way (a control: is the fault the reward?)
+logp_norm = 'token'       # log p_nu(x) per token ('token', / L) or per sequence ('sequence', eq. 15's sum)
 reward_clip = 8.0         # |r| <= reward_clip before eq. 7 (public config); 0: off
 adv_clip = 3.0            # |advantage| <= adv_clip after eq. 7 (public config); 0: off
 label_smoothing = 0.1     # the discriminator's targets are 1 - s/2 (teacher) and s/2 (student)
@@ -98,10 +107,14 @@ rgas = True               # also evaluate the student with reward-guided ancestr
 rgas_h = 30.0             # the tilt of RGAS's first steps, ramped from 0 (DiDi App. F.3)
 rgas_tilt = 0.5           # fraction of the steps that tilt; the rest re-rank rgas_candidates candidates
 rgas_candidates = 4
+rgas_select = 'max'       # re-ranking keeps the highest reward ('max', App. F.3) or draws by 'softmax'
+rgas_reward = 'mean'      # eq. 6 as the 'mean' or the 'sum' of the log-ratio over the masked positions
 eval_interval = 250       # iterations between evaluations of the EMA student (and at the end)
 eval_steps = '8,16'       # K-step budgets
 teacher_steps = '1024'    # extra budgets for the teacher in the final table: the many-step reference to match
-eval_samples = 128        # sequences per budget; 0 skips evaluation and the final table
+eval_samples = 256        # sequences per budget and noise stream; 0 skips evaluation and the final table
+eval_streams = 3          # noise streams per evaluation: each cell is their mean +- sd (eval.py)
+entropy_tolerance = 0.02  # verdicts: a student may lose this fraction of its teacher's entropy
 judge = ''                # an AR checkpoint (train.py --teacher ar) for judge GenPPL; '' = none
 ckpt_interval = 200
 log_every = 50
@@ -113,6 +126,7 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') an
 
 F64 = torch.float64
 OMEGA_RANGE = (0.1, 10.0)  # the public config's clamp of omega(t)
+FLAGS = '--lr and --disc_lr'
 LOGGED = ('disc_loss', 'd_teacher', 'd_student', 'loss', 'policy', 'kl', 'entropy', 'reward', 'logp',
           'student_grad_norm', 'disc_grad_norm')
 
@@ -164,6 +178,7 @@ class Rollout:
     t: torch.Tensor                 # (B,) float64 the discriminator's time
     z: torch.Tensor                 # (B, L) x masked at t
     z_real: torch.Tensor            # (B, L) the teacher sample x' masked at t
+    r: Optional[torch.Tensor] = None   # (B,) float64 reward, set after the discriminator's update
 
 
 def sigma_of(t):
@@ -172,17 +187,19 @@ def sigma_of(t):
 
 
 @torch.no_grad()
-def student_samples(student, B, L, mask_id, tau, generator, decompose):
+def student_samples(student, B, L, mask_id, tau, generator, decompose, repeat=1):
     """x ~ p_nu by the ancestral step of sample.py (float64 draws): z_1 -> z_tau -> x at times 1 > tau > 0 (eq. 9),
     or z_1 -> x in one step without decompose. z_1 is the same for every sequence, so its x0_hat is computed once.
-    tau (B,) float64. -> (z_tau (B, L) or None, x (B, L))"""
+    tau (B,) float64. repeat = G: each z_tau is drawn once and continued G times (consecutive rows; --group_share
+    state). -> (z_tau (B, L) or None, x (B, L))"""
     z1 = torch.full((B, L), mask_id, dtype=torch.long, device=tau.device)
     alpha_1 = alpha_loglinear(torch.ones((), dtype=F64, device=tau.device))
     out = student(z1[:1], sigma_of(torch.ones_like(tau[:1]))).expand(B, -1, -1)        # (B, L, V)
     if not decompose:
         return None, mdlm_step(out, z1, 1.0, alpha_1, generator)
     alpha_tau = alpha_loglinear(tau)[:, None]                                       # (B, 1)
-    z_tau = mdlm_step(out, z1, alpha_tau, alpha_1, generator)
+    z_tau = mdlm_step(out[::repeat], z1[::repeat], alpha_tau[::repeat], alpha_1, generator)
+    z_tau = z_tau.repeat_interleave(repeat, 0)
     return z_tau, mdlm_step(student(z_tau, sigma_of(tau)), z_tau, 1.0, alpha_tau, generator)
 
 
@@ -244,6 +261,15 @@ def rewards(disc, z, sigma, mask_id):
     return r
 
 
+def rollout_rewards(disc, roll, cfg, language, mask_id):
+    """The reward of each student sample: eq. 6 from the discriminator, or with --reward oracle the exact
+    log-likelihood per token of the clean sample under the synthetic language (what the discriminator's log-ratio
+    should rank like, were it perfect and the student close to the teacher). -> (B,) float64"""
+    if cfg['reward'] == 'oracle':
+        return (language.log_prob(roll.x.cpu()) / roll.x.shape[1]).to(roll.x.device)
+    return rewards(disc, roll.z, sigma_of(roll.t), mask_id).double()
+
+
 def group_advantages(r, group_size, reward_clip=0.0, adv_clip=0.0, eps=1e-6):
     """eq. 7: rewards clipped to [-reward_clip, reward_clip], standardised within consecutive groups of group_size
     (mean mu_g, population std sigma_g: (r - mu_g) / (sigma_g + eps)), then clipped to [-adv_clip, adv_clip].
@@ -260,11 +286,15 @@ def group_advantages(r, group_size, reward_clip=0.0, adv_clip=0.0, eps=1e-6):
 
 def make_rollout(student, x_real, generator, cfg, mask_id):
     """Algorithm 1's first lines: tau ~ pi, x ~ p_nu (no gradient), then x and the teacher sample x' (B, L) masked at
-    the same time t (= tau with coupled time, else a fresh draw from pi)."""
+    the same time t (= tau with coupled time, else a fresh draw from pi). With --group_share the G consecutive rows of
+    a group share tau and t (and with 'state' also z_tau): eq. 7 then ranks samples of one prompt, not of different
+    times, whose rewards differ mostly because the mask ratio does."""
     B, L = x_real.shape
-    tau = draw_times(B, generator, cfg)
-    z_tau, x = student_samples(student, B, L, mask_id, tau, generator, cfg['decompose'])
-    t = tau if cfg['coupled_time'] else draw_times(B, generator, cfg)
+    G = cfg['group_size'] if cfg['group_share'] != 'none' else 1       # rows that share their times
+    tau = draw_times(B // G, generator, cfg).repeat_interleave(G)
+    z_tau, x = student_samples(student, B, L, mask_id, tau, generator, cfg['decompose'],
+                               G if cfg['group_share'] == 'state' else 1)
+    t = tau if cfg['coupled_time'] else draw_times(B // G, generator, cfg).repeat_interleave(G)
     alpha, process = alpha_loglinear(t)[:, None], Absorbing(mask_id)
     return Rollout(tau=tau, z_tau=z_tau, x=x, t=t, z=process.sample(x, alpha, generator),
                    z_real=process.sample(x_real, alpha, generator))
@@ -283,37 +313,34 @@ def regularisers(out_student, out_teacher, inputs, mask_id):
     return mean(kl), mean(entropy)
 
 
-def student_loss(student, teacher, disc, roll, cfg, mask_id):
+def student_loss(student, teacher, roll, cfg, mask_id):
     """eq. 5 / 15 on one rollout, with the decomposed score (eq. 9) and the regularisers:
         -mean_i[ w(t_i) A_i log p_nu(x_i) / L ] + kl_weight KL - entropy_weight H,
-    A the grouped advantage of the reward (eq. 6-7), w = omega/pi (time_weight). Only the student gets gradient.
+    A the grouped advantage of the reward roll.r (eq. 6-7), w = omega/pi (time_weight); without the / L with
+    --logp_norm sequence (eq. 15's sum). Only the student gets gradient.
     -> (loss, policy term, kl, entropy, mean raw reward, mean log p_nu(x) per token)"""
-    r = rewards(disc, roll.z, sigma_of(roll.t), mask_id)                             # (B,) teacher-likeness of x
-    advantage = group_advantages(r, cfg['group_size'], cfg['reward_clip'], cfg['adv_clip'])
+    advantage = group_advantages(roll.r.float(), cfg['group_size'], cfg['reward_clip'], cfg['adv_clip'])
     weight = time_weight(roll.t, cfg).float()
     inputs, sigma = step_inputs(roll, mask_id)
     out = student(inputs, sigma)                                                     # (1 + B or 1, L, V)
     L = roll.x.shape[1]
-    logp = path_log_prob(out[:1], out[1:] if roll.z_tau is not None else None, roll.z_tau, roll.x, mask_id) / L
+    logp = path_log_prob(out[:1], out[1:] if roll.z_tau is not None else None, roll.z_tau, roll.x, mask_id)
+    logp = logp / L if cfg['logp_norm'] == 'token' else logp
     policy = -(weight * advantage * logp).mean()
     with torch.no_grad():
         out_teacher = teacher(inputs, sigma)
     kl, entropy = regularisers(out, out_teacher, inputs, mask_id)
     loss = policy + cfg['kl_weight'] * kl - cfg['entropy_weight'] * entropy
-    return loss, policy.detach(), kl.detach(), entropy.detach(), r.mean(), logp.detach().mean()
+    return loss, policy.detach(), kl.detach(), entropy.detach(), roll.r.float().mean(), logp.detach().mean() / (
+        1 if cfg['logp_norm'] == 'token' else L)
 
 
-def check_finite(values, what, it, ckpt_path):
-    if not torch.isfinite(values).all():
-        raise UserError(f"the {what} loss became {values.tolist()} at iteration {it}; lower --lr and --disc_lr "
-                        f"(the last good checkpoint is {ckpt_path})")
-
-
-def iteration(state, teacher, dataset, bank, cfg, it, rank, world, device, ckpt_path):
+def iteration(state, teacher, dataset, bank, cfg, it, rank, world, device, ckpt_path, diagnostics=None):
     """Algorithm 1 once: student samples, one discriminator update (eq. 8), one student update (eq. 5-7, 9), the
-    EMA. Both phases see the same micro-batches: the rollouts of phase 1 are kept for phase 2. -> LOGGED values"""
+    EMA. Both phases see the same micro-batches: the rollouts of phase 1 are kept for phase 2, and appended to
+    diagnostics (a list) when one is given. -> LOGGED values"""
     student, disc, local = state['student'], state['disc'], cfg['grad_accum'] // world
-    mask_id = dataset.vocab_size
+    mask_id, language = dataset.vocab_size, dataset.language()
     rollouts = []
 
     def disc_fn(x_data, generator):
@@ -323,19 +350,89 @@ def iteration(state, teacher, dataset, bank, cfg, it, rank, world, device, ckpt_
         rollouts.append((roll, generator))
         return discriminator_loss(disc, roll.z, roll.z_real, sigma_of(roll.t), cfg['label_smoothing'])
 
-    batches = idlm.micro_batches(dataset, cfg, it, 0, rank, world, device)
-    disc_stats = common.all_reduce_mean(idlm.accumulate(disc, batches, disc_fn, local, device), world)
-    check_finite(disc_stats, 'discriminator', it, ckpt_path)
-    disc_norm = idlm.update(disc, state['disc_optimizer'], cfg['disc_lr'], cfg['grad_clip'])
+    batches = common.micro_batches(dataset, cfg, it, 0, rank, world, device)
+    disc_stats = common.all_reduce_mean(common.accumulate(disc, batches, disc_fn, local, device), world)
+    common.check_finite(disc_stats, 'discriminator', it, ckpt_path, FLAGS)
+    disc_norm = common.update(disc, state['disc_optimizer'], cfg['disc_lr'], cfg['grad_clip'])
     common.unwrap(disc).power_iteration()   # once per update: see model.DiscriminatorHead
 
-    student_fn = lambda roll, g: student_loss(student, teacher, common.unwrap(disc), roll, cfg, mask_id)
-    stats = common.all_reduce_mean(idlm.accumulate(student, rollouts, student_fn, local, device), world)
-    check_finite(stats, 'DiDi student', it, ckpt_path)
+    for roll, _ in rollouts:   # the reward of eq. 6 from the updated discriminator, or the oracle's
+        roll.r = rollout_rewards(common.unwrap(disc), roll, cfg, language, mask_id)
+        if diagnostics is not None:
+            diagnostics.append(roll)
+    student_fn = lambda roll, g: student_loss(student, teacher, roll, cfg, mask_id)
+    stats = common.all_reduce_mean(common.accumulate(student, rollouts, student_fn, local, device), world)
+    common.check_finite(stats, 'DiDi student', it, ckpt_path, FLAGS)
     lr = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'])
-    student_norm = idlm.update(student, state['optimizer'], lr, cfg['grad_clip'])
+    student_norm = common.update(student, state['optimizer'], lr, cfg['grad_clip'])
     state['ema'].update(student)
     return [*disc_stats.tolist(), *stats.tolist(), student_norm, disc_norm]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diagnostics: does the reward carry signal?
+
+def correlation(a, b):
+    """Pearson correlation of two centred float64 vectors (0 when either is constant)."""
+    denominator = (a.pow(2).sum() * b.pow(2).sum()).sqrt()
+    return (a * b).sum().item() / denominator.item() if denominator > 0 else 0.0
+
+
+def reward_diagnostics(rollouts, cfg, language, bins=10):
+    """Over the rollouts of a log window: how much of the reward's variance the time t explains (the between-bin
+    share, t cut into `bins` quantile bins), the correlation of the reward with the exact log-likelihood of the
+    sample within t-bins and within eq. 7's groups (synthetic data only), and the fractions of rewards at the clip
+    and at the floor/ceiling that label smoothing s puts on the optimal logit, log(s/2 / (1 - s/2)). -> dict"""
+    t = torch.cat([roll.t for roll in rollouts]).double().cpu()
+    r = torch.cat([roll.r for roll in rollouts]).double().cpu()
+    out = {}
+    edges = torch.quantile(t, torch.linspace(0, 1, bins + 1, dtype=F64)[1:-1])
+    which = torch.bucketize(t, edges)
+    bin_mean = torch.zeros(bins, dtype=F64).index_add_(0, which, r) / torch.bincount(which, minlength=bins).clamp_min(1)
+    total = (r - r.mean()).pow(2).sum()
+    out['reward_var_by_t'] = ((bin_mean[which] - r.mean()).pow(2).sum() / total).item() if total > 0 else 0.0
+    if language is not None:
+        loglik = torch.cat([language.log_prob(roll.x.cpu()) / roll.x.shape[1] for roll in rollouts])
+        out['reward_loglik_corr_t_bins'] = correlation(r - bin_mean[which], loglik - (
+            torch.zeros(bins, dtype=F64).index_add_(0, which, loglik) / torch.bincount(which, minlength=bins)
+            .clamp_min(1))[which])
+        G = cfg['group_size']
+        groups = lambda v: v.view(-1, G) - v.view(-1, G).mean(1, keepdim=True)
+        out['reward_loglik_corr_groups'] = correlation(groups(r), groups(loglik))
+    if cfg['reward'] == 'disc':
+        out['reward_at_clip'] = (r.abs() >= cfg['reward_clip']).double().mean().item() if cfg['reward_clip'] > 0 else 0.0
+        s = cfg['label_smoothing']
+        edge = math.log(s / 2 / (1 - s / 2)) if s > 0 else -float('inf')
+        out['reward_at_floor'] = ((r <= edge + 0.1) | (r >= -edge - 0.1)).double().mean().item()
+    return out
+
+
+@torch.no_grad()
+def discriminator_accuracy(state, dataset, bank, cfg, it, device):
+    """The discriminator on a held-out batch (fresh student samples and real/bank sequences, masked at the same
+    times, never trained on): the fraction it labels right, each sequence by the sign of its eq. 6 reward."""
+    mask_id = dataset.vocab_size
+    (x_data, generator), = common.micro_batches(dataset, {**cfg, 'grad_accum': 1}, it, 10_000, 0, 1, device)
+    x_real = x_data if bank is None else bank[torch.randint(len(bank), (len(x_data),), generator=generator,
+                                                           device=device)]
+    roll = make_rollout(common.unwrap(state['student']), x_real, generator, cfg, mask_id)
+    disc = common.unwrap(state['disc'])
+    sigma = sigma_of(roll.t)
+    fake, real = rewards(disc, roll.z, sigma, mask_id), rewards(disc, roll.z_real, sigma, mask_id)
+    return 0.5 * ((real > 0).double().mean() + (fake < 0).double().mean()).item()
+
+
+def diagnostics_table(history):
+    """The diagnostics of every log window, as a markdown table (appended to results.md)."""
+    keys = [('reward_var_by_t', 'reward variance explained by t'), ('reward_loglik_corr_t_bins',
+            'corr(reward, exact log p) within t-bins'), ('reward_loglik_corr_groups', 'within groups'),
+            ('reward_at_clip', 'at the clip'), ('reward_at_floor', 'at the smoothing floor'),
+            ('disc_accuracy', 'held-out disc. accuracy')]
+    keys = [(k, title) for k, title in keys if any(k in row for row in history['train'])]
+    lines = ['| iteration | ' + ' | '.join(title for _, title in keys) + ' |', '|---|' + '---|' * len(keys)]
+    for row in history['train']:
+        lines.append(f"| {row['iter']} | " + ' | '.join(f"{row[k]:.3f}" if k in row else '' for k, _ in keys) + ' |')
+    return '\n'.join(lines) + '\n'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,16 +446,6 @@ def make_state(student, disc, cfg):
             'optimizer': torch.optim.AdamW(student.parameters(), cfg['lr'], betas, weight_decay=cfg['weight_decay']),
             'disc_optimizer': torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], cfg['disc_lr'],
                                                 betas, weight_decay=0.0)}
-
-
-def load_teacher(path, dataset, data):
-    """The frozen MDLM teacher (EMA weights, eval mode) and its checkpoint, checked against the data."""
-    teacher, ckpt = common.load_model(path, which='ema')
-    if ckpt.get('teacher') != 'mdlm':
-        raise UserError(f"{path} holds a {ckpt.get('teacher')!r} model, but DiDi-Instruct distills an MDLM teacher "
-                        f"(absorbing, SUBS head); pass an mdlm --teacher_ckpt")
-    idlm.check_teacher_data(path, ckpt, dataset, data)
-    return teacher.eval().requires_grad_(False), ckpt
 
 
 def teacher_bank(path, teacher, cfg, dataset, rank, world, device):
@@ -406,16 +493,15 @@ def resume_from(path, state):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation: the EMA student, plain and guided (distill_idlm.sample_rows: sample.generate or generate_rgas)
+# Evaluation: the EMA student, plain and guided by a frozen copy of the current discriminator (RGAS)
 
-def student_rows(label, state, cfg, evaluate_rows):
-    """The EMA student, plain and (with --rgas) guided by a frozen copy of the current discriminator."""
-    net = idlm.ema_student(state['student'], state['ema'], 'mdlm')
-    rows = evaluate_rows(label, net, None)
+def student_series(state, cfg):
+    """{label: (net, discriminator or None)}: the EMA student, and with --rgas the same student guided by RGAS."""
+    net = state['ema'].averaged_copy(state['student'])
+    series = {'EMA': (net, None)}
     if cfg['rgas']:
-        disc = copy.deepcopy(common.unwrap(state['disc'])).eval().requires_grad_(False)
-        rows += evaluate_rows(f"{label}, RGAS", net, disc)
-    return rows
+        series['EMA, RGAS'] = (net, copy.deepcopy(common.unwrap(state['disc'])).eval().requires_grad_(False))
+    return series
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,8 +517,13 @@ def check_config(cfg, world):
                f"--group_size must be at least 2 and divide --batch_size {cfg['batch_size']} (eq. 7 standardises "
                f"rewards within groups of a micro-batch)"),
               (cfg['disc_trainable_blocks'] >= 0, "--disc_trainable_blocks must be at least 0"),
-              (cfg['grad_accum'] % world == 0, f"--grad_accum {cfg['grad_accum']} is not divisible by the {world} "
-                                               f"processes; use a multiple of {world}")]
+              (cfg['group_share'] in ('none', 'tau', 'state'), f"--group_share is none, tau or state, not "
+                                                                 f"{cfg['group_share']!r}"),
+              (cfg['reward'] in ('disc', 'oracle'), f"--reward is disc or oracle, not {cfg['reward']!r}"),
+              (cfg['logp_norm'] in ('token', 'sequence'), f"--logp_norm is token or sequence, not {cfg['logp_norm']!r}"),
+              (cfg['group_share'] != 'state' or cfg['decompose'], "--group_share state needs --decompose true: the "
+                                                                   "shared state is the intermediate z_tau")]
+    common.check_batch(cfg, world)
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -440,12 +531,8 @@ def check_config(cfg, world):
 
 def distill(cfg):
     """Distill with config dict cfg (DEFAULTS overridden). Returns the student checkpoint's path."""
-    data_name = idlm.folder_name(cfg['data'])
-    teacher_path = cfg['teacher_ckpt'] or os.path.join('out', f"mdlm-{data_name}", 'ckpt.pt')
     rank, world, device = common.setup_distributed(cfg['device'])
     check_config(cfg, world)
-    if not cfg['teacher_ckpt'] and not os.path.exists(teacher_path) and cfg['data'] == 'synthetic':
-        idlm.train_teacher(cfg, teacher_path)
     master = rank == 0
     if master:
         ensure_data(cfg['data'])  # prepares 'synthetic' or 'pydoc' on first use, once
@@ -453,16 +540,20 @@ def distill(cfg):
         dist.barrier()
     dataset = load_data(ensure_data(cfg['data']))
     N = dataset.vocab_size
-    out_dir = cfg['out_dir'] or os.path.join('out', f"didi-mdlm-{data_name}")
+    out_dir = cfg['out_dir'] or os.path.join('out', f"didi-mdlm-{common.folder_name(cfg['data'])}")
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if cfg['reward'] == 'oracle' and dataset.language() is None:
+        raise UserError(f"--reward oracle scores samples by the synthetic language's exact likelihood; --data "
+                        f"{cfg['data']} is text: use --reward disc")
     if cfg['real'] == 'bank' and not cfg['bank']:
         cfg = {**cfg, 'bank': os.path.join(out_dir, f"bank_{cfg['bank_steps']}steps_{cfg['bank_size']}.npy")}
 
-    teacher, _ = load_teacher(teacher_path, dataset, cfg['data'])
-    teacher = teacher.to(device)
+    teacher, net, _ = train.load_teacher(cfg['teacher_ckpt'], 'mdlm', dataset, cfg['data'], cfg['device'], cfg['init'])
+    teacher = teacher.to(device) if isinstance(teacher, torch.nn.Module) else teacher
+    net = net.to(device)
     torch.manual_seed(cfg['seed'])           # the discriminator's new head: the same on every rank
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    disc = make_discriminator(teacher, cfg['disc_trainable_blocks'])
+    student = copy.deepcopy(net).train().requires_grad_(True)
+    disc = make_discriminator(net, cfg['disc_trainable_blocks'])
     torch.manual_seed(cfg['seed'] + rank)    # only dropout draws from the global RNG; the rest is seeded per step
     state = make_state(student, disc, cfg)
     start, history = 0, {'train': [], 'eval': []}
@@ -474,35 +565,39 @@ def distill(cfg):
     bank = teacher_bank(cfg['bank'], teacher, cfg, dataset, rank, world, device) if cfg['real'] == 'bank' else None
     if world > 1:  # two wrappers: each all-reduces only in its own phase
         state.update(student=DDP(student), disc=DDP(disc))
-    judge, language = idlm.load_judge(cfg, N, device), dataset.language()
-    evaluate = cfg['eval_samples'] > 0 and any(cfg['eval_steps'].split(','))
-
-    def evaluate_rows(label, net, guide, steps=None):
-        return idlm.sample_rows(label, net, 'mdlm', 'loglinear', dataset, language, judge, cfg, device, steps, guide)
+    judge = evaluation.load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
+    rgas = dict(h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'], candidates=cfg['rgas_candidates'],
+                select=cfg['rgas_select'], reward=cfg['rgas_reward'])
+    bench = evaluation.Bench(dataset, judge, cfg['eval_samples'], cfg['batch_size'], cfg['seed'], device, rgas)
+    evaluator = evaluation.Evaluator(bench, cfg, 'mdlm')
+    evaluate = cfg['eval_samples'] > 0 and bool(evaluator.steps())
 
     if master:
         trainable = sum(p.numel() for p in disc.parameters() if p.requires_grad)
-        print(f"DiDi-Instruct: teacher {teacher_path}, {teacher.num_params() / 1e6:.2f}M parameters x 2 + a "
-              f"discriminator ({trainable / 1e6:.2f}M trainable), data {dataset.path} (N={N}, L={dataset.seq_len}), "
-              f"teacher samples from {cfg['bank'] or 'the data'}, global batch "
+        print(f"DiDi-Instruct: teacher {cfg['teacher_ckpt'] or 'default'}, {net.num_params() / 1e6:.2f}M parameters "
+              f"x 2 + a discriminator ({trainable / 1e6:.2f}M trainable), data {dataset.path} (N={N}, "
+              f"L={dataset.seq_len}), teacher samples from {cfg['bank'] or 'the data'}, global batch "
               f"{cfg['batch_size'] * cfg['grad_accum']}, {world} process(es), {device}")
-    window, t0 = [], time.time()   # per-iteration numbers since the last log line, averaged into one row
+    window, rolled, t0 = [], [], time.time()   # numbers and rollouts since the last log line
     bar = tqdm(range(start, cfg['max_iters']), initial=start, total=cfg['max_iters'], disable=not master,
                desc='DiDi-Instruct', dynamic_ncols=True, mininterval=5)
     for it in bar:
-        window.append(iteration(state, teacher, dataset, bank, cfg, it, rank, world, device, ckpt_path))
+        window.append(iteration(state, teacher, dataset, bank, cfg, it, rank, world, device, ckpt_path, rolled))
         done = it + 1
-        if done == cfg['max_iters'] or idlm.every(done, cfg['log_every']):
+        if done == cfg['max_iters'] or common.every(done, cfg['log_every']):
             means = torch.tensor(window, dtype=F64).mean(0).tolist()
             row = {'iter': done, **dict(zip(LOGGED, means)), 'minutes': (time.time() - t0) / 60}
+            if master:
+                row.update(reward_diagnostics(rolled, cfg, dataset.language()))
+                with torch.random.fork_rng(devices=[]):   # a diagnostic: the run's own draws stay as they were
+                    row['disc_accuracy'] = discriminator_accuracy(state, dataset, bank, cfg, it, device)
             history['train'].append(row)
-            window = []
+            window, rolled = [], []
             bar.set_postfix(reward=f"{row['reward']:.3f}", d_teacher=f"{row['d_teacher']:.3f}",
                             d_student=f"{row['d_student']:.3f}", entropy=f"{row['entropy']:.3f}")
-        if evaluate and master and (done == cfg['max_iters'] or idlm.every(done, cfg['eval_interval'])):
-            rows = student_rows(f"DiDi student @{done} (EMA)", state, cfg, evaluate_rows)
-            history['eval'] += [{'iter': done, **r} for r in rows]
-        if master and (done == cfg['max_iters'] or idlm.every(done, cfg['ckpt_interval'])):
+        if evaluate and master and (done == cfg['max_iters'] or common.every(done, cfg['eval_interval'])):
+            evaluator.periodic(history, done, student_series(state, cfg))
+        if master and (done == cfg['max_iters'] or common.every(done, cfg['ckpt_interval'])):
             save(ckpt_path, state, cfg, dataset, done, history)
     bar.close()
     if master:
@@ -510,11 +605,13 @@ def distill(cfg):
         with open(os.path.join(out_dir, 'history.json'), 'w') as f:
             json.dump(history, f, indent=1)
         if evaluate:
-            final = [r for r in history['eval'] if r['iter'] == cfg['max_iters']] or \
-                student_rows('DiDi student (EMA)', state, cfg, evaluate_rows)
-            teacher_rows = evaluate_rows('teacher mdlm', teacher, None, idlm.teacher_budgets(cfg))
-            rows = idlm.results_table(teacher_rows + final, dataset, language, judge, cfg, out_dir)
-            idlm.plot_history(history, rows, os.path.join(out_dir, 'history.png'))
+            series = student_series(state, cfg)
+            students = [(f"DiDi student @{cfg['max_iters']} ({label})", net, disc) for label, (net, disc) in series.items()]
+            evaluator.final(teacher, students, out_dir, history)
+        table = diagnostics_table(history)
+        with open(os.path.join(out_dir, 'results.md'), 'a') as f:
+            f.write('\nReward diagnostics (distill_didi.reward_diagnostics), per log window:\n\n' + table)
+        print(table)
     return ckpt_path
 
 

@@ -68,7 +68,8 @@ def test_policy_step_lowers_the_token_the_student_overproduces():
     disc = IdealDiscriminator(before, torch.full((N,), 1 / N), N)
     cfg = {**CFG, 'kl_weight': 0.0, 'entropy_weight': 0.0}
     roll = didi.make_rollout(student, torch.randint(N, (B, L), generator=gen(0)), gen(1), cfg, N)
-    loss, *_, reward, _ = didi.student_loss(student, copy.deepcopy(student), disc, roll, cfg, N)
+    roll.r = didi.rollout_rewards(disc, roll, cfg, None, N)
+    loss, *_, reward, _ = didi.student_loss(student, copy.deepcopy(student), roll, cfg, N)
     assert reward < 0                                         # the student's samples look like the student's
     loss.backward()
     with torch.no_grad():
@@ -271,7 +272,7 @@ def test_every_ablation_runs_and_the_student_samples_like_a_teacher(teacher, tmp
     ckpt = load(out)
     assert (ckpt['kind'], ckpt['method'], ckpt['teacher'], ckpt['bank']) == ('student', 'didi', 'mdlm', '')
     table = open(out / 'results.md').read()
-    assert 'teacher mdlm' in table and 'DiDi student @2 (EMA), RGAS' in table and 'true GenPPL' in table
+    assert 'teacher mdlm' in table and 'DiDi student @2 (EMA, RGAS)' in table and 'true GenPPL' in table
     net, kind, N, L, meta, schedule = sample.load_sampler(str(out), 'cpu')
     assert (kind, N, L) == ('mdlm', 8, 8)
     for ckpt_path, disc in ((out, ''), (root / 'mdlm', out / 'ckpt.pt')):
@@ -302,7 +303,7 @@ def test_wrong_teacher_kind_is_one_line(teacher, tmp_path):
                         f'--teacher_ckpt={tmp_path / "sedd"}'], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and r.stderr.startswith('error:') and 'Traceback' not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "'sedd' model" in r.stderr and 'MDLM' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "'sedd' teacher" in r.stderr and 'an mdlm checkpoint' in r.stderr
 
 
 @pytest.mark.parametrize('bad, message', [({'group_size': 3}, 'divide --batch_size'), ({'group_size': 1}, 'at least 2'),

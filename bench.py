@@ -45,6 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 import common
 import distill_didi
 import distill_idlm
+import distill_sdtt
 import sample
 import train
 from common import UserError
@@ -72,6 +73,7 @@ iteration_data = 'synthetic'  # the data (and so N, L) of section 4: a folder in
 iteration_model = 'cpu'   # DiT preset of section 4 (the CPU teachers')
 iteration_batch = 64      # sequences per update in section 4 (train.py's and distill_idlm.py's default batch)
 iteration_repeats = 10    # alternating timed repeats of each, after one warm-up
+iteration_kinds = 'mdlm,duo,sedd'  # the teachers of section 4
 device = 'auto'
 seed = 0
 out = ''                  # also write the report to this markdown file
@@ -211,8 +213,9 @@ def bench_loop(cfg, N, device):
 
 def iteration_cases(cfg, kind, device):
     """{name: closure}: each closure runs one real update from fresh models of the CPU teachers' shape, at the same
-    batch: 'teacher' (train.py's step), 'idlm' (distill_idlm.iteration) and, for MDLM, 'didi'
-    (distill_didi.iteration). The weights are random: their values do not change the cost."""
+    batch: 'teacher' (train.py's step), 'idlm' (distill_idlm.iteration), 'step' (distill_sdtt's update: SDTT for
+    MDLM, DCD for Duo) and, for MDLM, 'didi' (distill_didi.iteration). The weights are random: their values do not
+    change the cost."""
     dataset = load_data(ensure_data(cfg['iteration_data']))
     N = dataset.vocab_size
     run_cfg = {**train.DEFAULTS, **distill_idlm.DEFAULTS, 'teacher': kind, 'data': cfg['iteration_data'],
@@ -242,6 +245,20 @@ def iteration_cases(cfg, kind, device):
         distill_idlm.iteration(idlm_state, teacher, objective, dataset, run_cfg, next(counter), 0, 1, device)
 
     cases = {'teacher': teacher_step, 'idlm': idlm_iteration}
+    if kind in distill_sdtt.KINDS:   # one SDTT (MDLM) or DCD (Duo) update, in the first round (dt = 1/1024)
+        student = copy_of_teacher()
+        step_state = distill_sdtt.make_state(student, {**distill_sdtt.DEFAULTS, 'batch_size': cfg['iteration_batch']})
+        loss_fn = distill_sdtt.sdtt_loss if kind == 'mdlm' else distill_sdtt.dcd_loss
+
+        def step_iteration():
+            gen = common.step_generator(cfg['seed'], next(counter), device=device)
+            idx = torch.randint(len(dataset.train), (run_cfg['batch_size'],), generator=gen, device=device).cpu()
+            x = dataset.batch('train', idx).to(device)
+            common.accumulate(student, [(x, gen)], lambda x, g: loss_fn(student, teacher, objective, x, 1 / 1024, g,
+                                                                        'kl_bwd'), 1, device)
+            common.update(student, step_state['optimizer'], 1e-4, 1.0)
+            step_state['ema'].update(student)
+        cases['step'] = step_iteration
     if kind == 'mdlm':  # DiDi-Instruct distills MDLM teachers only
         didi_cfg = {**distill_didi.DEFAULTS, 'batch_size': cfg['iteration_batch'], 'grad_accum': 1}
         disc = distill_didi.make_discriminator(teacher, didi_cfg['disc_trainable_blocks'])
@@ -318,16 +335,18 @@ def report_iterations(cfg, device, emit):
          f"'{cfg['iteration_model']}' DiT, data {cfg['iteration_data']})", '',
          f"Median of {cfg['iteration_repeats']} of each, timed round-robin. IDLM iteration: one fake update and one "
          f"student update (fake_steps = 1). DiDi iteration (MDLM only): two-step student rollout, one discriminator "
-         f"update, one student update, at distill_didi.py's other defaults.", '')
+         f"update, one student update, at distill_didi.py's other defaults. SDTT (MDLM) / DCD (Duo) iteration: the "
+         f"teacher's two ancestral steps (SDTT) or one forward (DCD) and one student update.", '')
     names = ['teacher', 'N', 'L', 'teacher step ms', 'IDLM iteration ms', 'IDLM / teacher', 'DiDi iteration ms',
-             'DiDi / IDLM']
+             'DiDi / IDLM', 'SDTT / DCD iteration ms', 'SDTT / DCD / teacher']
     emit(row(names), row(['---:'] * len(names)))
     verdicts = []
-    for kind in distill_idlm.KINDS:
+    for kind in cfg['iteration_kinds'].split(','):
         r = bench_iterations(cfg, kind, device)
         ms, ratio = r['ms'], r['ms']['idlm'] / r['ms']['teacher']
         didi = [f"{ms['didi']:.1f}", f"{ms['didi'] / ms['idlm']:.2f}x"] if 'didi' in ms else ['-', '-']
-        emit(row([kind, r['N'], r['L'], f"{ms['teacher']:.1f}", f"{ms['idlm']:.1f}", f"{ratio:.2f}x", *didi]))
+        step = [f"{ms['step']:.1f}", f"{ms['step'] / ms['teacher']:.2f}x"] if 'step' in ms else ['-', '-']
+        emit(row([kind, r['N'], r['L'], f"{ms['teacher']:.1f}", f"{ms['idlm']:.1f}", f"{ratio:.2f}x", *didi, *step]))
         verdicts.append(f"{kind} {ratio:.2f}x {'met' if ratio <= 3.5 else 'MISSED'}")
     emit('', f"Target: IDLM / teacher <= 3.5: {'; '.join(verdicts)}.")
 

@@ -67,7 +67,8 @@ def test_bad_options_are_one_sentence_errors():
 
 
 def test_iteration_section_times_every_teacher_kind(tmp_path, capsys):
-    """Section 4 on tiny synthetic data: one row per teacher kind (DiDi timed for MDLM), with a positive ratio (not checked against 3.5:
+    """Section 4 on tiny synthetic data: one row per teacher kind (DiDi and SDTT timed for MDLM, DCD for Duo), with a
+    positive ratio (not checked against 3.5:
     on this scale the ratio says nothing)."""
     data = prepare_synthetic(str(tmp_path / 'synthetic'), num_train=32, num_val=8, N=6, L=8, K=2)
     bench.main(['--samplers', 'mdlm', '--vocab_sizes', '7', '--seq_len', '8', '--batch_size', '2', '--steps', '2',
@@ -76,9 +77,10 @@ def test_iteration_section_times_every_teacher_kind(tmp_path, capsys):
     report = capsys.readouterr().out
     rows = [[c.strip() for c in line.strip('|').split('|')] for line in report.splitlines()
             if line.startswith('| ') and line.split('|')[1].strip() in ('mdlm', 'duo', 'sedd') and 'x' in line]
-    rows = [r for r in rows if len(r) == 8]
+    rows = [r for r in rows if len(r) == 10]
     assert [r[0] for r in rows] == ['mdlm', 'duo', 'sedd']
     assert float(rows[0][6]) > 0 and rows[0][7].endswith('x')      # a DiDi iteration is timed for MDLM only
-    assert rows[1][6:] == ['-', '-'] and rows[2][6:] == ['-', '-']
+    assert rows[1][6:8] == ['-', '-'] and rows[2][6:8] == ['-', '-']
+    assert float(rows[0][8]) > 0 and float(rows[1][8]) > 0 and rows[2][8:] == ['-', '-']   # SDTT and DCD
     assert all(r[1:3] == ['6', '8'] and float(r[5].rstrip('x')) > 0 for r in rows)
     assert 'Target: IDLM / teacher <= 3.5' in report

@@ -292,6 +292,23 @@ def test_every_ablation_runs_and_the_student_samples_like_a_teacher(teacher, tmp
         for K in (2, 4)]
 
 
+def test_the_new_switches_run_with_the_exact_teacher_and_log_diagnostics(teacher, tmp_path):
+    """--teacher_ckpt exact with --init, the oracle reward, shared groups, per-sequence log p, RGAS by softmax of the
+    sum: the run finishes, history.json carries the reward diagnostics and the held-out discriminator accuracy, and
+    results.md their table."""
+    root, data = teacher
+    out = tmp_path / 'switches'
+    didi.main(args(root, data, out, teacher_ckpt='exact', init=root / 'mdlm', reward='oracle', group_share='state',
+                   logp_norm='sequence', label_smoothing=0, tau_dist='beta', tau_a=5, tau_b=2, disc_trainable_blocks=1,
+                   max_iters=2, eval_samples=4, eval_steps='2', eval_streams=1, rgas_candidates=2,
+                   rgas_select='softmax', rgas_reward='sum'))
+    rows = [row for row in json.load(open(out / 'history.json'))['train'] if 'reward_var_by_t' in row]
+    assert rows and all(0 <= row['reward_var_by_t'] <= 1 and -1 <= row['reward_loglik_corr_groups'] <= 1 and
+                        0 <= row['disc_accuracy'] <= 1 for row in rows)
+    assert 'reward variance explained by t' in open(out / 'results.md').read()
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['config']['reward'] == 'oracle'
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 def test_wrong_teacher_kind_is_one_line(teacher, tmp_path):

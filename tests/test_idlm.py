@@ -413,3 +413,21 @@ def test_best_checkpoint_is_kept_and_reported(tmp_path, monkeypatch):
     assert (kind, N, L) == ('mdlm', 8, 8)
     table = open('out/idlm-mdlm-synthetic/results.md').read()
     assert 'IDLM student @2 (EMA, last)' in table and 'IDLM student @1 (EMA, best.pt)' in table
+
+
+def test_the_new_switches_run_with_the_exact_teacher(teachers):
+    """--teacher_ckpt exact (the language's exact denoiser as f*, student and fake from --init), the step objective,
+    the context term, an EMA fake and the fake-tracking diagnostic together: the run finishes, logs fake_lag (the
+    fake's loss on fresh student samples before and after extra updates of a copy), and its checkpoint loads with
+    weights_only=True."""
+    root, data = teachers
+    out = root / 'switches'
+    idlm.main(args('exact', data, out, init=root / 'mdlm', student_steps=4, context_grad='true', fake_ema=0.9,
+                   track_steps=3, max_iters=2))
+    history = json.load(open(out / 'history.json'))
+    lags = [row['fake_lag'] for row in history['train'] if 'fake_lag' in row]
+    assert lags and all(math.isfinite(v) for v in lags)
+    assert all(row['fake_probe_before'] > 0 and row['fake_probe_after'] > 0 for row in history['train']
+               if 'fake_lag' in row)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['teacher_ckpt'] == 'exact' and ckpt['config']['student_steps'] == 4

@@ -22,7 +22,8 @@ so nothing is differentiated through discrete sampling. Each iteration (Algorith
   3. the updated discriminator scores the masked student samples (eq. 6); the rewards are clipped, standardised
      within groups of G (eq. 7) and clipped again, and the student takes the step of eq. 5 with the decomposed score
      log p_nu(x) = log P(z_tau | z_1) + log p_nu(x | z_tau) (eq. 9), weighted by omega(t) / pi(t), plus a forward
-     KL to the teacher and an entropy bonus (App. F.3).
+     KL to the teacher and an entropy bonus (App. F.3; both off by default here, as is label smoothing, and a group
+     shares its tau: the CPU measurements behind these defaults are in RESULTS.md).
 Signs: model.Discriminator reads sigmoid(logit) = P(teacher), so its reward r (eq. 6) is log q_theta / q_nu = -R,
 "how teacher-like", and the student ascends it: loss = -weight * advantage * log p_nu(x).
 
@@ -30,7 +31,8 @@ Every trick switches off by a flag, to rerun the leave-one-out ablation (DiDi Ta
   --decompose false      one step z_1 -> x, log p_nu(x) summed over every position (the paper's baseline generator)
   --coupled_time false   the discriminator's time t ~ pi drawn independently of the generation time tau
   --omega false          omega(t) = 1;   --tau_dist uniform: tau, t ~ U(0, 1), so pi = 1 (no pi weighting)
-  --kl_weight 0 --entropy_weight 0       no regularisation
+  --kl_weight 0.05 --entropy_weight 5e-4   the paper's regularisation (config/didi_mdlm_owt.py keeps the paper's
+                         values: regularisers, label smoothing 0.1, groups that mix times)
   --rgas false           no guided inference: only plain ancestral rows in the evaluation
 Logged every log_every iterations: the discriminator's loss and its mean P(teacher) on teacher and on student
 samples, the raw reward, the student's loss terms and gradient norms. Judge a run by the EMA student's GenPPL and
@@ -85,14 +87,16 @@ weight_decay = 0.01       # student (DiDi Table 5); the discriminator has none
 grad_clip = 1.0           # both networks; 0: off
 ema = 0.99                # EMA of the student, evaluated and saved as 'ema' (the paper: 0.9999 over 10k iterations)
 group_size = 4            # G of eq. 7: rewards are standardised within groups of G sequences of a micro-batch
-group_share = 'none'      # what a group's G sequences share: none | tau (and the discriminator's time t) | state
-                          # (tau and the intermediate state z_tau: G continuations of one prompt)
+group_share = 'tau'       # what a group's G sequences share: none | tau (and the discriminator's time t) | state
+                          # (tau and z_tau: G continuations of one prompt). 'tau' (ours; the paper's groups mix times):
+                          # eq. 7 then ranks samples, not times (RESULTS.md, DiDi-Instruct: does the reward carry signal)
 reward = 'disc'           # disc: the discriminator's log-ratio (eq. 6) | oracle: the exact log-likelihood per token
                           # of the synthetic language, standardised the same way (a control: is the fault the reward?)
 logp_norm = 'token'       # log p_nu(x) per token ('token', / L) or per sequence ('sequence', eq. 15's sum)
 reward_clip = 8.0         # |r| <= reward_clip before eq. 7 (public config); 0: off
 adv_clip = 3.0            # |advantage| <= adv_clip after eq. 7 (public config); 0: off
-label_smoothing = 0.1     # the discriminator's targets are 1 - s/2 (teacher) and s/2 (student)
+label_smoothing = 0.0     # the discriminator's targets are 1 - s/2 (teacher) and s/2 (student). The public config's
+                          # 0.1 floors the reward at log(s/2 / (1 - s/2)) = -2.94: 19-66% of rewards sat there (RESULTS.md)
 disc_trainable_blocks = 4 # the discriminator's last blocks that train (public config: 4); its head always trains
 tau_dist = 'beta'         # pi: beta | uniform (DiDi App. F.3: Beta(2, 5) for small budgets, Beta(5, 2) for large)
 tau_a = 2.0
@@ -101,8 +105,9 @@ omega = True              # omega(t) = -alpha'_t / (1 - alpha_t) clamped to [0.1
 weight_clip = 20.0        # ours: omega/pi, normalised to mean 1 under pi, is capped here (pi -> 0 at the ends); 0: off
 decompose = True          # eq. 9: two-step generation z_1 -> z_tau -> x; False: one step z_1 -> x
 coupled_time = True       # the discriminator's time t = tau; False: t ~ pi independently
-kl_weight = 0.05          # forward KL(teacher || student) at both generation steps (paper 0.05, public code 0.01)
-entropy_weight = 5e-4     # entropy bonus on the student's x0 predictions
+kl_weight = 0.0           # forward KL(teacher || student) at both generation steps (paper 0.05, public code 0.01; per
+                          # token here, so about 200x eq. 15's per-sequence balance: off by default, RESULTS.md)
+entropy_weight = 0.0      # entropy bonus on the student's x0 predictions (the paper: 5e-4; off by default, as kl_weight)
 rgas = True               # also evaluate the student with reward-guided ancestral sampling (sample.generate_rgas)
 rgas_h = 30.0             # the tilt of RGAS's first steps, ramped from 0 (DiDi App. F.3)
 rgas_tilt = 0.5           # fraction of the steps that tilt; the rest re-rank rgas_candidates candidates

@@ -16,6 +16,7 @@ ema = 0.999                # public config (Table 5 says 0.9999)
 reward_clip = 8.0
 adv_clip = 3.0
 label_smoothing = 0.1
+group_share = 'none'        # the paper's groups: G samples, each at its own tau
 kl_weight = 0.05           # the paper's regularisation weight (public code: 0.01); helps at <= 8 NFEs
 entropy_weight = 5e-4
 eval_interval = 1000

@@ -350,6 +350,15 @@ def pyplot():
 YLABEL = {'genppl_true': 'true GenPPL', 'genppl_judge': 'judge GenPPL', 'entropy': 'entropy (nats)'}
 
 
+def save_figure(fig, legend_ax, path):
+    """The end of every plot here: a small legend on legend_ax, tight layout, a PNG at path."""
+    legend_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    print(f"wrote {path}")
+
+
 def plot_sweep(rows, path):
     """GenPPL and entropy against steps, one line per model (error bars: sd over draws); data as dashed lines."""
     plt = pyplot()
@@ -373,11 +382,7 @@ def plot_sweep(rows, path):
         if k != 'entropy':
             ax.set_yscale('log')
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, axes[0][0], path)
 
 
 def plot_frontier(rows, path):
@@ -402,11 +407,7 @@ def plot_frontier(rows, path):
     ax.set_xlabel('entropy (nats): higher is more diverse')
     ax.set_ylabel(f"{YLABEL[key]}: lower is better")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, ax, path)
 
 
 def plot_history(history, reference, path, tolerance=0.02):
@@ -436,11 +437,7 @@ def plot_history(history, reference, path, tolerance=0.02):
         ax.set_xlabel('iteration')
         ax.set_ylabel(YLABEL[k])
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, axes[0][0], path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

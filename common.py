@@ -35,14 +35,30 @@ class UserError(Exception):
 
 def run(main):
     """Call main(), turning UserError / DataError into one clear line on stderr."""
+    code = 0
     try:
         main()
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        code = 2
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        _exit_without_finalizing(code)
+    sys.exit(code)
+
+
+def _exit_without_finalizing(code):
+    """End a torchrun worker without Python's interpreter shutdown.
+
+    A gloo worker thread frees each finished collective's tensors after the caller has moved on, and freeing a
+    tensor that Python has seen needs the GIL. If that happens while the interpreter is shutting down, Python ends
+    the thread mid-destructor and the C++ runtime aborts the whole process (SIGABRT, "terminate called without an
+    active exception"), failing a run that had finished. DDP keeps the process group, and with it those threads,
+    alive to the end, so destroy_process_group() cannot stop them. Skipping the shutdown removes the race; the
+    scripts close their files themselves, so only the standard streams need flushing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -70,7 +70,9 @@ def test_sequence_normalisation_is_eq_15s_sum():
         grads[norm] = (policy, logp, torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
     assert torch.allclose(grads['sequence'][0], L * grads['token'][0], rtol=1e-5)
     assert torch.allclose(grads['sequence'][1], grads['token'][1], rtol=1e-5)     # logged per token either way
-    assert torch.allclose(grads['sequence'][2], L * grads['token'][2], rtol=1e-4, atol=1e-7)
+    # float32 rounding differs elementwise (a few 1e-7 on entries near 0), so compare the whole gradient vector
+    seq, tok = grads['sequence'][2], L * grads['token'][2]
+    assert (seq - tok).norm() <= 1e-4 * tok.norm()
 
 
 @pytest.mark.parametrize('dist,a,b,mean', [('beta', 2.0, 5.0, 2 / 7), ('beta', 5.0, 2.0, 5 / 7),

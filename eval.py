@@ -10,6 +10,7 @@ snapshot choice and plots, so that their numbers are comparable by construction.
     python eval.py --teacher out/mdlm-synthetic,out/duo-synthetic --teacher_steps 64,1024 --steps 4,8,16,32 \\
         --ckpt sdtt=out/sdtt-mdlm-synthetic,idlm=out/idlm-mdlm-s0+out/idlm-mdlm-s1,dcd=out/dcd-duo-synthetic \\
         --streams 3 --greedy_tail both --out out/compare                  # the comparison of every method
+    python eval.py --runs old=out/a-s0+out/a-s1,new=out/b-s0+out/b-s1 --out out/runs  # runs over iterations
 
 Metrics for a batch of generated sequences x (num_samples, L):
   true GenPPL   exp(mean over sequences of -log p_true(x) / L), on the synthetic language only: exact, no judge.
@@ -33,7 +34,8 @@ sampler can always buy GenPPL with entropy. The frontier plot (GenPPL against en
 shows that trade at a glance.
 
 Every row is sampled in float64 (sample.py). A run writes <out>/results.json, <out>/table.md, and with matplotlib
-<out>/plot.png (GenPPL and entropy against steps) and <out>/frontier.png.
+<out>/plot.png (GenPPL and entropy against steps) and <out>/frontier.png. --runs reads no model: it gathers the
+periodic evaluations that distill_*.py logged in history.json, and across training seeds gives mean +- sd.
 """
 
 import json
@@ -81,6 +83,8 @@ rgas_candidates = 4
 rgas_select = 'max'       # re-ranking: 'max' keeps the candidate with the highest reward (DiDi App. F.3), 'softmax'
                           # draws one from the softmax of the rewards
 rgas_reward = 'mean'      # the reward of eq. 6: 'mean' or 'sum' of the log-ratio over the masked positions
+runs = ''                 # comma-separated distillation runs to compare over iterations: label=out_dir or
+                          # label=dir1+dir2 (training seeds) -> <out>/runs.md and runs.png from their history.json
 out = 'out/eval'
 device = 'auto'
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,8 +555,85 @@ def sweep(cfg):
     return rows, bench
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Runs over iterations: several distillation runs (and seeds of each) from their logs
+
+def run_curves(dirs, series='EMA'):
+    """The periodic rows of one label's runs (one per training seed) -> {(steps, iter): [row per seed]}: only the
+    iterations every seed reached."""
+    per_seed = []
+    for d in dirs:
+        path = os.path.join(d, 'history.json')
+        if not os.path.exists(path):
+            raise UserError(f"{path} does not exist: --runs takes the out_dir of a distill_*.py run")
+        try:
+            with open(path) as f:
+                rows = json.load(f).get('eval', [])
+        except (json.JSONDecodeError, AttributeError):
+            raise UserError(f"{path} is not a distiller's history (a JSON object with an 'eval' list)") from None
+        per_seed.append({(r['steps'], r['iter']): r for r in rows if r.get('series') == series})
+    common_keys = set.intersection(*(set(p) for p in per_seed))
+    return {k: [p[k] for p in per_seed] for k in sorted(common_keys)}
+
+
+def seed_mean_sd(rows, key):
+    """Mean over training seeds, and their sd; with one seed, its sd over noise streams."""
+    if len(rows) == 1:
+        return rows[0][key], rows[0].get(key + '_sd', 0.0)
+    return mean_sd([r[key] for r in rows])
+
+
+def compare_runs(cfg):
+    """--runs: a markdown table (label, steps, iteration, GenPPL and entropy as mean +- sd over seeds) and a plot
+    of both against iterations, one line per label and K."""
+    curves = [(label, len(dirs), run_curves(dirs)) for label, dirs in parse_models(cfg['runs'])]
+    keys = [genppl_key(rows[0]) for _, _, c in curves for rows in c.values()]
+    if not keys:
+        raise UserError("no periodic evaluations in these runs' history.json (was --eval_samples 0?)")
+    key = keys[0] or 'entropy'
+    lines = [f"| run | seeds | steps | iteration | {YLABEL[key]} | entropy |", "|---|---:|---:|---:|---|---|"]
+    for label, seeds, curve in curves:
+        for (K, it), rows in curve.items():
+            g, e = seed_mean_sd(rows, key), seed_mean_sd(rows, 'entropy')
+            lines.append(f"| {label} | {seeds} | {K} | {it} | {g[0]:.3f} ± {g[1]:.3f} | {e[0]:.4f} ± {e[1]:.4f} |")
+    os.makedirs(cfg['out'], exist_ok=True)
+    with open(os.path.join(cfg['out'], 'runs.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    plot_runs(curves, key, os.path.join(cfg['out'], 'runs.png'))
+
+
+def plot_runs(curves, key, path):
+    """GenPPL and entropy against iterations, and the path each run takes in the (GenPPL, entropy) plane: a run
+    that is only slower follows the same path, one that trades less entropy for its GenPPL runs above it."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4), squeeze=False)
+    for i, (label, seeds, curve) in enumerate(curves):
+        for j, K in enumerate(sorted({K for K, _ in curve})):
+            its = [it for KK, it in curve if KK == K]
+            g = [seed_mean_sd(curve[(K, it)], key) for it in its]
+            e = [seed_mean_sd(curve[(K, it)], 'entropy') for it in its]
+            style = dict(color=f"C{i}", marker='o', ms=3, capsize=2, ls=['-', '--', ':', '-.'][j % 4],
+                         label=f"{label} ({seeds} seed{'s' * (seeds > 1)}), {K} steps")
+            for ax, stats in zip(axes[0], (g, e)):
+                ax.errorbar(its, [m for m, _ in stats], [sd for _, sd in stats], **style)
+            axes[0][2].errorbar([m for m, _ in g], [m for m, _ in e], [sd for _, sd in e], [sd for _, sd in g],
+                                **style)
+    for ax, (x, y) in zip(axes[0], [('iteration', YLABEL[key]), ('iteration', YLABEL['entropy']),
+                                    (YLABEL[key] + ' (log)', YLABEL['entropy'])]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[0][2].set_xscale('log')
+    save_figure(fig, axes[0][0], path)
+
+
 def main(argv=None):
     cfg = common.configure(DEFAULTS, argv)
+    if cfg['runs']:
+        return compare_runs(cfg)
     if not cfg['ckpt'] and not cfg['teacher'] and not cfg['floor']:
         raise UserError("pass --ckpt (comma-separated checkpoints, or 'exact') or --teacher")
     rows, bench = sweep(cfg)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import common
 import eval as evaluation
 import train
 from data import SyntheticLanguage, prepare_synthetic
@@ -75,3 +76,31 @@ def test_bad_steps_and_a_judge_that_is_not_autoregressive(tiny_run):
         r = subprocess.run([sys.executable, 'eval.py', f'--ckpt={root / "mdlm"}', f'--data={data}', *args],
                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
         assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def write_history(folder, points):
+    """A history.json as distill_*.py logs it: {(steps, iter): (genppl, entropy)} of the EMA series."""
+    os.makedirs(folder, exist_ok=True)
+    rows = [{'iter': it, 'series': 'EMA', 'steps': K, 'genppl_true': g, 'genppl_true_sd': 0.5, 'entropy': e,
+             'entropy_sd': 0.01} for (K, it), (g, e) in points.items()]
+    rows.append({'iter': 50, 'series': 'raw', 'steps': 8, 'genppl_true': 99.0, 'entropy': 1.0})   # not the EMA
+    with open(os.path.join(folder, 'history.json'), 'w') as f:
+        json.dump({'train': [], 'eval': rows}, f)
+
+
+def test_runs_pools_training_seeds_over_iterations(tmp_path):
+    """--runs: per label and K, the mean and sd over seeds at the iterations every seed reached; one seed keeps
+    its sd over noise streams."""
+    write_history(tmp_path / 'a0', {(8, 50): (10.0, 3.0), (8, 100): (8.0, 3.2), (8, 150): (7.0, 3.1)})
+    write_history(tmp_path / 'a1', {(8, 50): (12.0, 3.2), (8, 100): (6.0, 3.0)})
+    write_history(tmp_path / 'b', {(16, 50): (5.0, 3.3)})
+    evaluation.main([f'--runs=A={tmp_path / "a0"}+{tmp_path / "a1"},B={tmp_path / "b"}', f'--out={tmp_path / "o"}'])
+    table = (tmp_path / 'o' / 'runs.md').read_text().splitlines()
+    sd = math.sqrt(2.0)
+    assert f"| A | 2 | 8 | 50 | 11.000 ± {sd:.3f} | 3.1000 ± {math.sqrt(0.02):.4f} |" in table
+    assert f"| A | 2 | 8 | 100 | 7.000 ± {sd:.3f} | 3.1000 ± {math.sqrt(0.02):.4f} |" in table
+    assert not any('| A | 2 | 8 | 150 |' in row for row in table)       # seed a1 never reached it
+    assert "| B | 1 | 16 | 50 | 5.000 ± 0.500 | 3.3000 ± 0.0100 |" in table
+    assert (tmp_path / 'o' / 'runs.png').exists() or evaluation.pyplot() is None
+    with pytest.raises(common.UserError, match='history.json does not exist'):
+        evaluation.main([f'--runs=A={tmp_path / "nowhere"}', f'--out={tmp_path / "o"}'])

@@ -587,10 +587,10 @@ def compare_runs(cfg):
     """--runs: a markdown table (label, steps, iteration, GenPPL and entropy as mean +- sd over seeds) and a plot
     of both against iterations, one line per label and K."""
     curves = [(label, len(dirs), run_curves(dirs)) for label, dirs in parse_models(cfg['runs'])]
-    keys = [genppl_key(rows[0]) for _, _, c in curves for rows in c.values()]
-    if not keys:
+    first = next((rows[0] for _, _, c in curves for rows in c.values()), None)
+    if first is None:
         raise UserError("no periodic evaluations in these runs' history.json (was --eval_samples 0?)")
-    key = keys[0] or 'entropy'
+    key = genppl_key(first) or 'entropy'
     lines = [f"| run | seeds | steps | iteration | {YLABEL[key]} | entropy |", "|---|---:|---:|---:|---|---|"]
     for label, seeds, curve in curves:
         for (K, it), rows in curve.items():

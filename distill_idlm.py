@@ -46,6 +46,11 @@ position masked in x_s has no target). The teacher's denoiser is also the optima
 to the true marginal at s~, and positive off it, but at most KL(p_theta(x_s) || q(x_s)), not at least: a network fake
 does not know which masks of its input were already in x_s (tests/test_idlm_objective.py enumerates both facts).
 A student whose every step reaches that zero makes a K-step chain that ends at p* exactly. --student_steps 0 is the paper's one-shot jump (s~ = 0).
+Since eq. 8 pins down only the mixture, the weights of its components decide which optimum descent reaches:
+--input_beta b draws t~ ~ Beta(1, b), b > 1 favouring mostly clean inputs. On the enumerable space b = 3 ends at a
+3-step sampler with more entropy and a smaller KL to p* than U(0, 1) (tests/test_idlm_objective.py). On the CPU
+teacher b = 2 slows the 16-step student's loss of entropy and b = 3 stops it at a worse GenPPL, so the default stays
+the paper's U(0, 1) (RESULTS.md, "The student's input times").
 
 Logged every log_every iterations: teacher loss, fake loss, their gap, gradient norms, and with track_steps > 0 how
 far the fake is from its optimum for the current student (its loss on fresh student samples before and after
@@ -101,6 +106,8 @@ fake_ema = 0.0            # > 0: the student is scored against an EMA of the fak
 student_steps = 0         # 0: the student jumps from x_t~ to x0 (the paper); K: it takes one K-step sampler step and
                           # eq. 8 scores the state it reaches (MDLM; see the docstring)
 context_grad = False      # MDLM: add the score-function term for the context tokens that App. C.1's stop-gradient drops
+input_beta = 1.0          # the student's input times t~ ~ Beta(1, input_beta): 1 is U[0, 1] (the paper); larger
+                          # values favour mostly clean inputs (see student_input)
 beta2 = 0.999
 weight_decay = 0.0
 grad_clip = 0.0           # 0: off, as in the paper; gradient norms are logged either way
@@ -134,10 +141,15 @@ FLAGS = '--lr and --fake_lr'
 # ----------------------------------------------------------------------------------------------------------------
 # The student as a generator (App. C.2): x0 probabilities, and the state one sampler step reaches
 
-def student_input(objective, x_data, generator):
+def student_input(objective, x_data, generator, input_beta=1.0):
     """SamplingFunc of Algorithm 1: t~ ~ U[eps, 1] (stratified) and x_t~ ~ q(. | x0~) for a real batch x_data
-    (B, L); for Duo the network input is the soft softmax(w_t~ / tau). -> (Noisy, t~ (B,))"""
+    (B, L); for Duo the network input is the soft softmax(w_t~ / tau). -> (Noisy, t~ (B,))
+    input_beta b != 1 draws t~ ~ Beta(1, b) instead (inverse CDF of the same stratified u: t = 1 - (1 - u)^(1/b)).
+    Eq. 8 constrains only the mixture over t~ of one-jump samples, and which of its many optima descent reaches
+    depends on the weights of the mixture's components (tests/test_idlm_objective.py enumerates this)."""
     t = sample_time(len(x_data), generator=generator, device=x_data.device)
+    if input_beta != 1.0:
+        t = 1 - (1 - t) ** (1.0 / input_beta)
     return objective.corrupt(x_data, t, generator), t
 
 
@@ -154,12 +166,12 @@ def student_x0(student, objective, noisy):
     return torch.where(masked, out[..., :N].softmax(-1), carry)
 
 
-def student_state(student, objective, x_data, generator, student_steps):
+def student_state(student, objective, x_data, generator, student_steps, input_beta=1.0):
     """The student's sample: x0 = G_theta(x_t~) (student_steps 0), or the state x_s of one K-step sampler step
     t~ -> s~ = max(0, t~ - 1/K): a masked position of x_t~ unmasks with probability (alpha_s - alpha_t)/(1 - alpha_t)
     to G_theta's probabilities (sample.mdlm_step's coin). -> (x_s (B, L, N): probabilities, zero rows where still
     masked; still_masked (B, L) bool)"""
-    noisy, t = student_input(objective, x_data, generator)
+    noisy, t = student_input(objective, x_data, generator, input_beta)
     x0 = student_x0(student, objective, noisy)
     if student_steps == 0:
         return x0, torch.zeros(x0.shape[:2], dtype=torch.bool, device=x0.device)
@@ -201,10 +213,10 @@ def frozen(model):
 # ----------------------------------------------------------------------------------------------------------------
 # The two losses (eq. 10, 11)
 
-def fake_loss(student, fake, objective, x_data, generator, student_steps=0):
+def fake_loss(student, fake, objective, x_data, generator, student_steps=0, input_beta=1.0):
     """eq. 10: the teacher's own loss for the fake on the student's samples; theta gets no gradient."""
     with torch.no_grad():
-        x_s, still_masked = student_state(student, objective, x_data, generator, student_steps)
+        x_s, still_masked = student_state(student, objective, x_data, generator, student_steps, input_beta)
     noisy = corrupt_state(objective, x_s, still_masked, generator)
     return objective.loss(fake(noisy.input, noisy.sigma), x_s, noisy).mean()
 
@@ -237,10 +249,11 @@ def context_term(x_s, noisy, gaps, mask_id):
     return ((r - baseline) * log_p).sum()
 
 
-def student_loss(student, teacher, fake, objective, x_data, generator, student_steps=0, context_grad=False):
+def student_loss(student, teacher, fake, objective, x_data, generator, student_steps=0, context_grad=False,
+                 input_beta=1.0):
     """eq. 11 on a real batch: the student's sample (student_state), corrupted once, scored by teacher and fake.
     -> (loss to minimise, teacher loss, fake loss, context term)"""
-    x_s, still_masked = student_state(student, objective, x_data, generator, student_steps)
+    x_s, still_masked = student_state(student, objective, x_data, generator, student_steps, input_beta)
     noisy = corrupt_state(objective, x_s, still_masked, generator)
     gaps, teacher_loss, fake_loss = token_gaps(teacher, fake, objective, x_s, noisy)
     context = context_term(x_s, noisy, gaps, objective.mask_id) if context_grad else torch.zeros((), device=x_s.device)
@@ -257,10 +270,10 @@ def iteration(state, teacher, objective, dataset, cfg, it, rank, world, device, 
     student, fake, local = state['student'], state['fake'], cfg['grad_accum'] // world
     lr_student = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'])
     lr_fake = common.learning_rate(it, cfg['fake_lr'], cfg['warmup_iters'])
-    steps = cfg['student_steps']
+    steps, beta = cfg['student_steps'], cfg['input_beta']
     # 1. eq. 10: the fake follows the student's current distribution (student forward without gradient)
     for j in range(cfg['fake_steps']):
-        fake_fn = lambda x, g: (fake_loss(common.unwrap(student), fake, objective, x, g, steps),)
+        fake_fn = lambda x, g: (fake_loss(common.unwrap(student), fake, objective, x, g, steps, beta),)
         batches = common.micro_batches(dataset, cfg, it, 1 + j, rank, world, device)
         fake_stats = common.all_reduce_mean(common.accumulate(fake, batches, fake_fn, local, device), world)
         common.check_finite(fake_stats, 'fake', it, ckpt_path, FLAGS)
@@ -270,7 +283,7 @@ def iteration(state, teacher, objective, dataset, cfg, it, rank, world, device, 
             state['fake_ema'].copy_to(state['fake_avg'])
     # 2. eq. 11: the student lowers teacher-minus-fake loss; the fake (unwrapped: no DDP) is frozen inside
     scorer = state.get('fake_avg', common.unwrap(fake))
-    student_fn = lambda x, g: student_loss(student, teacher, scorer, objective, x, g, steps, cfg['context_grad'])
+    student_fn = lambda x, g: student_loss(student, teacher, scorer, objective, x, g, steps, cfg['context_grad'], beta)
     batches = common.micro_batches(dataset, cfg, it, 0, rank, world, device)
     stats = common.all_reduce_mean(common.accumulate(student, batches, student_fn, local, device), world)
     common.check_finite(stats, 'IDLM', it, ckpt_path, FLAGS)
@@ -294,7 +307,7 @@ def fake_lag(state, objective, dataset, cfg, it, device):
     def probe():
         (x, g), = common.micro_batches(dataset, probe_cfg, it, 10_000, 0, 1, device)
         with torch.no_grad():
-            return fake_loss(student, fake, objective, x, g, cfg['student_steps']).item()
+            return fake_loss(student, fake, objective, x, g, cfg['student_steps'], cfg['input_beta']).item()
 
     before = probe()
     for j in range(cfg['track_steps']):
@@ -332,6 +345,8 @@ def check_config(cfg, world):
                         "with --teacher mdlm, or 0 (the paper's one-shot student)")
     if cfg['context_grad'] and cfg['teacher'] != 'mdlm':
         raise UserError("--context_grad is for MDLM teachers (Duo's gradient already reaches its context)")
+    if not cfg['input_beta'] > 0:
+        raise UserError(f"--input_beta is the b of Beta(1, b) and must be positive, not {cfg['input_beta']} (1: U[0, 1])")
     if not 0 <= cfg['fake_ema'] < 1:
         raise UserError(f"--fake_ema is a decay in [0, 1), not {cfg['fake_ema']}")
     common.check_batch(cfg, world)

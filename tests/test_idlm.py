@@ -165,6 +165,24 @@ def test_student_outputs_x0_probabilities(teachers, kind):
         assert torch.allclose(x0[~kept], scores / scores.sum(-1, keepdim=True), atol=1e-6)
 
 
+@pytest.mark.parametrize('b', [1.0, 3.0])
+def test_input_beta_draws_the_input_times_from_beta_1_b(b):
+    """--input_beta b: the stratified times are the Beta(1, b) quantiles of the same stratified u (one per bin), so
+    the CDF 1 - (1 - t)^b of the sorted times walks up the bins; b = 1 is U[eps, 1] as before."""
+    objective = MDLMObjective(8)
+    x = torch.zeros(512, 4, dtype=torch.long)
+    _, t = idlm.student_input(objective, x, gen(0), input_beta=b)
+    _, uniform = idlm.student_input(objective, x, gen(0))
+    cdf = 1 - (1 - t.double().sort().values) ** b
+    assert torch.allclose(cdf, uniform.double().sort().values, atol=1e-5)
+    assert abs(t.double().mean().item() - 1 / (1 + b)) < 0.01
+
+
+def test_input_beta_must_be_positive():
+    with pytest.raises(UserError, match='--input_beta'):
+        idlm.check_config({**idlm.DEFAULTS, 'input_beta': 0.0}, 1)
+
+
 # ------------------------------------------------------------------------------------------------ gradients
 
 @pytest.mark.parametrize('kind', ['mdlm', 'duo', 'sedd'])

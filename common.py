@@ -13,6 +13,7 @@ import ast
 import contextlib
 import copy
 import inspect
+import json
 from contextlib import nullcontext
 import os
 import pickle
@@ -356,10 +357,20 @@ def set_rng_state(state):
 def save_checkpoint(path, state):
     """Write atomically and durably: a temporary file in the same directory, flushed to disk (fsync), then a rename,
     so a crash or a power cut never leaves half a file under the real name."""
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def save_history(out_dir, history):
+    """out_dir/history.json, atomically: written with every checkpoint, so a run stopped mid-way keeps its log and
+    periodic evaluations (eval.py --runs reads them)."""
+    write_atomically(os.path.join(out_dir, 'history.json'), lambda f: f.write(json.dumps(history, indent=1).encode()))
+
+
+def write_atomically(path, write):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, 'wb') as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

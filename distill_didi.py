@@ -40,7 +40,6 @@ entropy at K steps (every eval_interval iterations, in the final table, results.
 """
 
 import copy
-import json
 import math
 import os
 import time
@@ -604,11 +603,10 @@ def distill(cfg):
             evaluator.periodic(history, done, student_series(state, cfg))
         if master and (done == cfg['max_iters'] or common.every(done, cfg['ckpt_interval'])):
             save(ckpt_path, state, cfg, dataset, done, history)
+            common.save_history(out_dir, history)
     bar.close()
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'history.json'), 'w') as f:
-            json.dump(history, f, indent=1)
+        common.save_history(out_dir, history)
         if evaluate:
             series = student_series(state, cfg)
             students = [(f"DiDi student @{cfg['max_iters']} ({label})", net, disc) for label, (net, disc) in series.items()]

@@ -63,7 +63,6 @@ streams and reported on the report streams: a safeguard, not the method.
 """
 
 import copy
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -473,11 +472,10 @@ def distill(cfg):
                            f"entropy at {history['reference']['steps']} steps, lowest GenPPL so far")
         if master and (done == cfg['max_iters'] or common.every(done, cfg['ckpt_interval'])):
             save(ckpt_path, state, cfg, dataset, done, history)
+            common.save_history(out_dir, history)
     bar.close()
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'history.json'), 'w') as f:
-            json.dump(history, f, indent=1)
+        common.save_history(out_dir, history)
         if evaluate:
             last = student_sampler(state['ema'].averaged_copy(student), cfg['teacher'])
             students = [(f"IDLM student @{cfg['max_iters']} (EMA, last)", last, None)]

@@ -37,7 +37,6 @@ of every round (or every eval_interval iterations) on eval_streams noise streams
 """
 
 import copy
-import json
 import math
 import os
 import time
@@ -347,11 +346,10 @@ def distill(cfg):
             evaluator.periodic(history, done, {'EMA': (state['ema'].averaged_copy(state['student']), None)})
         if master and (done == cfg['max_iters'] or common.every(done, cfg['ckpt_interval'])):
             save(ckpt_path, state, teacher, cfg, dataset, done, history)
+            common.save_history(out_dir, history)
     bar.close()
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'history.json'), 'w') as f:
-            json.dump(history, f, indent=1)
+        common.save_history(out_dir, history)
         if evaluate:
             label = f"{method.upper()} student @{cfg['max_iters']} (EMA)"
             tails = (False, True) if cfg['teacher'] == 'duo' else (False,)

@@ -15,7 +15,6 @@ The reported validation loss is the NELBO per token (for AR: the exact NLL per t
 quantity compared with the language's entropy rate H on the synthetic benchmark.
 """
 
-import json
 import os
 import time
 from dataclasses import asdict
@@ -206,10 +205,10 @@ def train(cfg):
                           f"{val:.4f}/token{ratio} ({row['minutes']:.1f} min)")
         if master and (done % cfg['ckpt_interval'] == 0 or done == cfg['max_iters']):
             save(ckpt_path, cfg, model, optimizer, ema, done, history, dataset)
+            common.save_history(out_dir, history)
     bar.close()
     if master and history:
-        with open(os.path.join(out_dir, 'history.json'), 'w') as f:
-            json.dump(history, f, indent=1)
+        common.save_history(out_dir, history)
     return ckpt_path
 
 

@@ -299,6 +299,23 @@ def test_interrupted_run_resumes_bit_exactly(teachers, reference_run):
         assert all(torch.equal(ref[i][name], res[i][name]) for i in ref for name in ref[i]), key
 
 
+def test_a_run_stopped_mid_way_keeps_its_history(teachers, monkeypatch):
+    """history.json is written with every checkpoint, not only at the end (eval.py --runs reads it)."""
+    root, data = teachers
+    real = idlm.iteration
+
+    def stop_at_the_third(state, teacher, objective, dataset, cfg, it, *rest, **kw):
+        if it == 2:
+            raise KeyboardInterrupt
+        return real(state, teacher, objective, dataset, cfg, it, *rest, **kw)
+
+    monkeypatch.setattr(idlm, 'iteration', stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        idlm.main(args(root / 'mdlm', data, root / 'stopped'))
+    history = json.load(open(root / 'stopped' / 'history.json'))
+    assert [row['iter'] for row in history['train']] == [1, 2]
+
+
 def test_resume_restores_the_dropout_rng(teachers, tmp_path, monkeypatch):
     """With dropout on, student and fake draw masks from the global RNG: a resume that did not restore it would
     drift from the uninterrupted run."""

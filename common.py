@@ -355,18 +355,18 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, state):
-    """Write atomically and durably: a temporary file in the same directory, flushed to disk (fsync), then a rename,
-    so a crash or a power cut never leaves half a file under the real name."""
     write_atomically(path, lambda f: torch.save(state, f))
 
 
 def save_history(out_dir, history):
-    """out_dir/history.json, atomically: written with every checkpoint, so a run stopped mid-way keeps its log and
-    periodic evaluations (eval.py --runs reads them)."""
+    """out_dir/history.json, written with every checkpoint (the last one included), so a run stopped mid-way keeps
+    its log and periodic evaluations (eval.py --runs reads them)."""
     write_atomically(os.path.join(out_dir, 'history.json'), lambda f: f.write(json.dumps(history, indent=1).encode()))
 
 
 def write_atomically(path, write):
+    """Write atomically and durably: write(f) into a temporary file in the same directory, flushed to disk (fsync),
+    then a rename, so a crash or a power cut never leaves half a file under the real name."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, 'wb') as f:

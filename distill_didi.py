@@ -606,7 +606,6 @@ def distill(cfg):
             common.save_history(out_dir, history)
     bar.close()
     if master:
-        common.save_history(out_dir, history)
         if evaluate:
             series = student_series(state, cfg)
             students = [(f"DiDi student @{cfg['max_iters']} ({label})", net, disc) for label, (net, disc) in series.items()]

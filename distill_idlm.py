@@ -475,7 +475,6 @@ def distill(cfg):
             common.save_history(out_dir, history)
     bar.close()
     if master:
-        common.save_history(out_dir, history)
         if evaluate:
             last = student_sampler(state['ema'].averaged_copy(student), cfg['teacher'])
             students = [(f"IDLM student @{cfg['max_iters']} (EMA, last)", last, None)]

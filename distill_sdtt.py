@@ -349,7 +349,6 @@ def distill(cfg):
             common.save_history(out_dir, history)
     bar.close()
     if master:
-        common.save_history(out_dir, history)
         if evaluate:
             label = f"{method.upper()} student @{cfg['max_iters']} (EMA)"
             tails = (False, True) if cfg['teacher'] == 'duo' else (False,)

@@ -207,8 +207,6 @@ def train(cfg):
             save(ckpt_path, cfg, model, optimizer, ema, done, history, dataset)
             common.save_history(out_dir, history)
     bar.close()
-    if master and history:
-        common.save_history(out_dir, history)
     return ckpt_path
 
 

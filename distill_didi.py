@@ -33,7 +33,8 @@ Every trick switches off by a flag, to rerun the leave-one-out ablation (DiDi Ta
   --omega false          omega(t) = 1;   --tau_dist uniform: tau, t ~ U(0, 1), so pi = 1 (no pi weighting)
   --kl_weight 0.05 --entropy_weight 5e-4   the paper's regularisation (config/didi_mdlm_owt.py keeps the paper's
                          values: regularisers, label smoothing 0.1, groups that mix times)
-  --rgas false           no guided inference: only plain ancestral rows in the evaluation
+  --rgas true            also evaluate the student guided by RGAS (off by default: on the CPU teacher it raised the
+                         student's GenPPL under both selection rules, and it is most of a run's evaluation time)
 Logged every log_every iterations: the discriminator's loss and its mean P(teacher) on teacher and on student
 samples, the raw reward, the student's loss terms and gradient norms. Judge a run by the EMA student's GenPPL and
 entropy at K steps (every eval_interval iterations, in the final table, results.md, and history.png), not by these.
@@ -96,7 +97,8 @@ reward_clip = 8.0         # |r| <= reward_clip before eq. 7 (public config); 0: 
 adv_clip = 3.0            # |advantage| <= adv_clip after eq. 7 (public config); 0: off
 label_smoothing = 0.0     # the discriminator's targets are 1 - s/2 (teacher) and s/2 (student). The public config's
                           # 0.1 floors the reward at log(s/2 / (1 - s/2)) = -2.94: 19-66% of rewards sat there (RESULTS.md)
-disc_trainable_blocks = 4 # the discriminator's last blocks that train (public config: 4); its head always trains
+disc_trainable_blocks = 1 # the discriminator's last blocks that train; its head always trains. The public config's 4
+                          # is the whole CPU trunk: 1 gave the same student in 0.8x the time (RESULTS.md)
 tau_dist = 'beta'         # pi: beta | uniform (DiDi App. F.3: Beta(2, 5) for small budgets, Beta(5, 2) for large)
 tau_a = 2.0
 tau_b = 5.0
@@ -107,7 +109,8 @@ coupled_time = True       # the discriminator's time t = tau; False: t ~ pi inde
 kl_weight = 0.0           # forward KL(teacher || student) at both generation steps (paper 0.05, public code 0.01; per
                           # token here, so about 200x eq. 15's per-sequence balance: off by default, RESULTS.md)
 entropy_weight = 0.0      # entropy bonus on the student's x0 predictions (the paper: 5e-4; off by default, as kl_weight)
-rgas = True               # also evaluate the student with reward-guided ancestral sampling (sample.generate_rgas)
+rgas = False              # also evaluate the student with reward-guided ancestral sampling (sample.generate_rgas);
+                          # eval.py --disc does it afterwards (RESULTS.md: it hurt the CPU students)
 rgas_h = 30.0             # the tilt of RGAS's first steps, ramped from 0 (DiDi App. F.3)
 rgas_tilt = 0.5           # fraction of the steps that tilt; the rest re-rank rgas_candidates candidates
 rgas_candidates = 4

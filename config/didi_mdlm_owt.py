@@ -23,3 +23,4 @@ eval_interval = 1000
 eval_steps = '8,16,32,64,128'
 eval_samples = 40          # DiDi: 40 samples per configuration
 ckpt_interval = 500
+rgas = True                # the paper reports its students guided by RGAS (App. F.3) beside plain sampling

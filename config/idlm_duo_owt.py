@@ -19,3 +19,4 @@ eval_steps = '4,8,16'
 eval_samples = 64          # GenPPL with GPT-2 Large afterwards: python eval.py config/eval_owt.py --ckpt <out_dir>
 ckpt_interval = 500
 log_every = 50
+anchor_weight = 0.0        # the paper's objective, eq. 11 alone (the CPU default's anchor is ours: distill_idlm.py)

@@ -268,7 +268,7 @@ def test_every_ablation_runs_and_the_student_samples_like_a_teacher(teacher, tmp
     out = tmp_path / 'ablated'
     didi.main(args(root, data, out, real='data', decompose='false', coupled_time='false', omega='false',
                    tau_dist='uniform', kl_weight=0, entropy_weight=0, max_iters=2, eval_samples=4, eval_steps='2',
-                   rgas_candidates=2))
+                   rgas='true', rgas_candidates=2))
     ckpt = load(out)
     assert (ckpt['kind'], ckpt['method'], ckpt['teacher'], ckpt['bank']) == ('student', 'didi', 'mdlm', '')
     table = open(out / 'results.md').read()

@@ -189,7 +189,7 @@ def test_input_beta_must_be_positive():
 def test_student_step_gives_gradient_to_the_student_only(teachers, kind):
     root, data = teachers
     teacher, student, fake, objective = three_networks(root / kind, perturb=0.5)
-    loss, teacher_loss, fake_loss, _ = idlm.student_loss(student, teacher, fake, objective, real_batch(data), gen(0))
+    loss, teacher_loss, fake_loss, *_ = idlm.student_loss(student, teacher, fake, objective, real_batch(data), gen(0))
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in fake.parameters()) and all(p.requires_grad for p in fake.parameters())

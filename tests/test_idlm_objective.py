@@ -320,3 +320,48 @@ def test_inputs_from_the_students_own_chain_shed_more_entropy():
         real = descend(lambda th: one_shot_loss(th, input_probs(p_star), f_star), init)
         own = descend(lambda th: one_shot_loss(th, chain_inputs(th.detach(), 3), f_star), init)
         assert entropy(sampler_distribution(own, 3)) < entropy(sampler_distribution(real, 3)) - 0.02
+
+
+def enumerated_anchor(logits, Pz, f_star):
+    """E_{z ~ Pz}[sum over masked positions of KL(f*(z) || G(z))]: distill_idlm.teacher_anchor per sequence."""
+    G = student_G(logits)
+    kl = (f_star * (f_star.clamp_min(1e-300).log() - G.clamp_min(1e-300).log())).sum(-1)       # (64, L)
+    return (Pz * (kl * MASKED).sum(-1)).sum()
+
+
+def test_the_code_anchor_is_the_enumerated_one():
+    """distill_idlm.teacher_anchor on each input state, weighted by the input distribution and times L (it averages
+    per token), is enumerated_anchor, at a student away from the teacher."""
+    p_star = language(1)
+    Pz, f_star = input_probs(p_star), denoiser_table(p_star)
+    logits = f_star.clamp_min(1e-9).log() + 0.7 * torch.randn(f_star.shape, generator=torch.Generator().manual_seed(0),
+                                                               dtype=F64)
+    G, teacher, objective = student_G(logits), Table(f_star), MDLMObjective(N)
+    total = 0.0
+    for zi in range(len(STATES)):
+        z = STATES[zi:zi + 1]
+        noisy = Noisy(input=z, sigma=torch.zeros(1), x_t=z, alpha=torch.zeros(1, 1, dtype=F64),
+                      dalpha=-torch.ones(1, 1, dtype=F64))
+        total += Pz[zi].item() * L * idlm.teacher_anchor(teacher, objective, noisy, G[zi:zi + 1]).item()
+    assert abs(total - enumerated_anchor(logits, Pz, f_star).item()) < 1e-9
+    assert total > 0.05
+
+
+def test_a_teacher_anchor_picks_the_optimum_whose_sampler_keeps_the_data():
+    """--anchor_weight: eq. 8 plus 0.3 x the forward KL from the teacher's x0 probabilities to the student's at its
+    inputs. Descent converges (the same point after 200 and 1000 steps, checked once) to a student whose 3-step
+    sampler keeps the data's entropy and is closer to p* in KL than both eq. 8 alone (whose sampler loses entropy)
+    and the teacher's own 3-step sampler, on four languages."""
+    for seed in range(4):
+        p_star = language(seed)
+        Pz, f_star = input_probs(p_star), denoiser_table(p_star)
+        init = f_star.clamp_min(1e-9).log()
+        kl_to_data = lambda q: (q * (q / p_star).log()).sum().item()
+        H = entropy(p_star)
+        alone = sampler_distribution(descend(lambda th: one_shot_loss(th, Pz, f_star), init), 3)
+        anchored = sampler_distribution(descend(
+            lambda th: one_shot_loss(th, Pz, f_star) + 0.3 * enumerated_anchor(th, Pz, f_star), init), 3)
+        teacher = sampler_distribution(init, 3)
+        assert entropy(alone) < H - 0.05
+        assert entropy(anchored) > H - 0.01
+        assert kl_to_data(anchored) < 0.7 * min(kl_to_data(alone), kl_to_data(teacher))

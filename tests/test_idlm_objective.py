@@ -9,6 +9,8 @@ L = 3 positions, the absorbing process with alpha_t = 1 - t, exact denoisers):
    whose optimum is a K-step sampler close to p* with no entropy lost;
 4. the student's input times (--input_beta): weighting the mixture towards mostly clean inputs reaches an optimum
    whose sampler keeps more entropy; inputs from the student's own chain (not in the code) shed more.
+5. the teacher anchor (--anchor_weight): eq. 8 plus a forward KL to the teacher's x0 probabilities at the student's
+   input stops descent at the optimum nearest the teacher's marginals, whose sampler keeps the data's entropy.
 
 The student is a table: for every input state z (4^3 = 64) its logits (L, N); SUBS carry-over where z is clean."""
 import itertools

@@ -54,6 +54,13 @@ class Table(torch.nn.Module):
         return torch.cat([rows, torch.full_like(rows[..., :1], -1e6)], -1)
 
 
+def unit_weight_noisy(x_t):
+    """x_t (1, L) as a Noisy whose mdlm_loss weight is 1 (alpha = 0, alpha' = -1): the tests apply the mask-count
+    weights themselves."""
+    return Noisy(input=x_t, sigma=torch.zeros(1), x_t=x_t, alpha=torch.zeros(1, 1, dtype=F64),
+                 dalpha=-torch.ones(1, 1, dtype=F64))
+
+
 def student_G(logits):
     return torch.where(MASKED[..., None], logits.softmax(-1),
                        torch.nn.functional.one_hot(STATES.clamp_max(N - 1), N).to(F64))
@@ -117,8 +124,7 @@ def code_expectation(logits, Pz, teacher, fake, with_context):
                     p_context = math.prod(G[zi, j, y].item() for j, y in zip(U, tokens))
                     if p_context == 0:
                         continue
-                    noisy = Noisy(input=x_t, sigma=torch.zeros(1), x_t=x_t, alpha=torch.zeros(1, 1, dtype=F64),
-                                  dalpha=-torch.ones(1, 1, dtype=F64))
+                    noisy = unit_weight_noisy(x_t)
                     x0 = G[zi:zi + 1]
                     gaps = idlm.token_gaps(teacher, fake, objective, x0, noisy)[0]        # (1, L)
                     value = gaps.sum()
@@ -203,6 +209,11 @@ def entropy(p):
     return -(p * p.clamp_min(1e-300).log()).sum().item()
 
 
+def kl(q, p):
+    """KL(q || p) in nats, for distributions over the 27 sequences."""
+    return (q * (q / p).log()).sum().item()
+
+
 def test_one_shot_objective_reaches_its_optimum_with_a_collapsed_sampler_and_the_step_objective_does_not():
     """From the teacher (G = p*'s exact marginals), exact gradient descent on eq. 8 drives KL(p_theta || p*) to
     nearly 0, yet the 3-step sampler built from the same G ends BELOW the data's entropy (mode-seeking): eq. 8
@@ -212,7 +223,6 @@ def test_one_shot_objective_reaches_its_optimum_with_a_collapsed_sampler_and_the
     Pz, f_star = input_probs(p_star), denoiser_table(p_star)
     init = f_star.clamp_min(1e-9).log()
     H = entropy(p_star)
-    kl_to_data = lambda q: (q * (q / p_star).log()).sum().item()
     one_shot = descend(lambda th: one_shot_loss(th, Pz, f_star), init)
     q_one = sampler_distribution(one_shot, 3)
     p_one = p_theta(one_shot, Pz)
@@ -221,8 +231,8 @@ def test_one_shot_objective_reaches_its_optimum_with_a_collapsed_sampler_and_the
     step = descend(lambda th: step_kl(th, p_star, 3), init)
     q_step = sampler_distribution(step, 3)
     assert entropy(q_step) > H - 0.01
-    assert kl_to_data(q_step) < 0.5 * kl_to_data(q_one)
-    assert kl_to_data(sampler_distribution(init, 3)) > kl_to_data(q_step)   # and better than the teacher's sampler
+    assert kl(q_step, p_star) < 0.5 * kl(q_one, p_star)
+    assert kl(sampler_distribution(init, 3), p_star) > kl(q_step, p_star)   # and better than the teacher's sampler
 
 
 def test_step_objective_by_the_code_is_zero_at_the_true_marginal_and_positive_off_it():
@@ -261,8 +271,7 @@ def test_step_objective_by_the_code_is_zero_at_the_true_marginal_and_positive_of
                 continue
             x_s = torch.nn.functional.one_hot(STATES[xi:xi + 1].clamp_max(N - 1), N).to(F64) * (~MASKED[xi:xi + 1])[..., None]
             z = STATES[zi:zi + 1]
-            noisy = Noisy(input=z, sigma=torch.zeros(1), x_t=z, alpha=torch.zeros(1, 1, dtype=F64),
-                          dalpha=-torch.ones(1, 1, dtype=F64))
+            noisy = unit_weight_noisy(z)
             gaps = idlm.token_gaps(teacher, fake, objective, x_s, noisy)[0]
             value += P[xi] * w * gaps[0, list(S)].sum().item()
         return value
@@ -288,7 +297,6 @@ def test_input_times_weighted_to_clean_inputs_keep_the_samplers_entropy():
         p_star = language(seed)
         f_star = denoiser_table(p_star)
         init = f_star.clamp_min(1e-9).log()
-        kl_to_data = lambda q: (q * (q / p_star).log()).sum().item()
         assert torch.isclose(input_probs(p_star, 1.0).sum(), torch.tensor(1.0, dtype=F64))
         assert torch.isclose(input_probs(p_star, 3.0).sum(), torch.tensor(1.0, dtype=F64))
         samplers = {}
@@ -296,7 +304,7 @@ def test_input_times_weighted_to_clean_inputs_keep_the_samplers_entropy():
             Pz = input_probs(p_star, b)
             samplers[b] = sampler_distribution(descend(lambda th: one_shot_loss(th, Pz, f_star), init), 3)
         assert entropy(samplers[3.0]) > entropy(samplers[1.0]) + 0.1
-        assert kl_to_data(samplers[3.0]) < 0.7 * kl_to_data(samplers[1.0])
+        assert kl(samplers[3.0], p_star) < 0.7 * kl(samplers[1.0], p_star)
 
 
 def chain_inputs(logits, K):
@@ -342,9 +350,7 @@ def test_the_code_anchor_is_the_enumerated_one():
     total = 0.0
     for zi in range(len(STATES)):
         z = STATES[zi:zi + 1]
-        noisy = Noisy(input=z, sigma=torch.zeros(1), x_t=z, alpha=torch.zeros(1, 1, dtype=F64),
-                      dalpha=-torch.ones(1, 1, dtype=F64))
-        total += Pz[zi].item() * L * idlm.teacher_anchor(teacher, objective, noisy, G[zi:zi + 1]).item()
+        total += Pz[zi].item() * L * idlm.teacher_anchor(teacher, objective, unit_weight_noisy(z), G[zi:zi + 1]).item()
     assert abs(total - enumerated_anchor(logits, Pz, f_star).item()) < 1e-9
     assert total > 0.05
 
@@ -358,7 +364,6 @@ def test_a_teacher_anchor_picks_the_optimum_whose_sampler_keeps_the_data():
         p_star = language(seed)
         Pz, f_star = input_probs(p_star), denoiser_table(p_star)
         init = f_star.clamp_min(1e-9).log()
-        kl_to_data = lambda q: (q * (q / p_star).log()).sum().item()
         H = entropy(p_star)
         alone = sampler_distribution(descend(lambda th: one_shot_loss(th, Pz, f_star), init), 3)
         anchored = sampler_distribution(descend(
@@ -366,4 +371,4 @@ def test_a_teacher_anchor_picks_the_optimum_whose_sampler_keeps_the_data():
         teacher = sampler_distribution(init, 3)
         assert entropy(alone) < H - 0.05
         assert entropy(anchored) > H - 0.01
-        assert kl_to_data(anchored) < 0.7 * min(kl_to_data(alone), kl_to_data(teacher))
+        assert kl(anchored, p_star) < 0.7 * min(kl(alone, p_star), kl(teacher, p_star))

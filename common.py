@@ -310,6 +310,8 @@ def check_batch(cfg, world):
     if cfg['batch_size'] < 1 or cfg['grad_accum'] < 1:
         raise UserError(f"--batch_size and --grad_accum must be at least 1 (got {cfg['batch_size']} and "
                         f"{cfg['grad_accum']})")
+    if cfg.get('eval_batch_size', 1) < 1:       # the distillers' evaluations
+        raise UserError(f"--eval_batch_size must be at least 1 (got {cfg['eval_batch_size']})")
     if cfg['grad_accum'] % world:
         raise UserError(f"--grad_accum {cfg['grad_accum']} is not divisible by the {world} processes; "
                         f"use a multiple of {world} so every process gets the same number of micro-batches")

@@ -121,6 +121,8 @@ eval_steps = '8,16'       # K-step budgets
 teacher_steps = '1024'    # extra budgets for the teacher in the final table: the many-step reference to match
 eval_samples = 256        # sequences per budget and noise stream; 0 skips evaluation and the final table
 eval_streams = 3          # noise streams per evaluation: each cell is their mean +- sd (eval.py)
+eval_batch_size = 64      # sequences generated at once in every evaluation: eval.py's default, so a run's rows are
+                          # the rows eval.py prints for the same checkpoint and seed (the draws depend on it)
 entropy_tolerance = 0.02  # verdicts: a student may lose this fraction of its teacher's entropy
 judge = ''                # an AR checkpoint (train.py --teacher ar) for judge GenPPL; '' = none
 ckpt_interval = 200
@@ -575,7 +577,7 @@ def distill(cfg):
     judge = evaluation.load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
     rgas = dict(h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'], candidates=cfg['rgas_candidates'],
                 select=cfg['rgas_select'], reward=cfg['rgas_reward'])
-    bench = evaluation.Bench(dataset, judge, cfg['eval_samples'], cfg['batch_size'], cfg['seed'], device, rgas)
+    bench = evaluation.Bench(dataset, judge, cfg['eval_samples'], cfg['eval_batch_size'], cfg['seed'], device, rgas)
     evaluator = evaluation.Evaluator(bench, cfg, 'mdlm')
     evaluate = cfg['eval_samples'] > 0 and bool(evaluator.steps())
 

@@ -58,7 +58,8 @@ there instead of drifting on: on the enumerable space at w = 0.3 its 3-step samp
 closer to p* than both eq. 8 alone and the teacher's own sampler (tests/test_idlm_objective.py). On the CPU teacher
 w = 0.1 (the default) holds the 16-step student near the teacher's 1024-step GenPPL and entropy from about iteration
 300 on, where eq. 11 alone keeps losing entropy; it costs some GenPPL at 8 steps and on languages that do not drift
-(RESULTS.md, "The teacher anchor").
+(RESULTS.md, "The teacher anchor"). --anchor_time linear moves the anchor's weight to the mostly masked inputs: a
+closer 2-step sampler on the enumerable space, but no gain on the CPU teacher (RESULTS.md), so flat stays the default.
 
 Logged every log_every iterations: teacher loss, fake loss, their gap, gradient norms, and with track_steps > 0 how
 far the fake is from its optimum for the current student (its loss on fresh student samples before and after
@@ -119,6 +120,8 @@ input_beta = 1.0          # the student's input times t~ ~ Beta(1, input_beta): 
 anchor_weight = 0.1       # ours: + this x the forward KL from the teacher's x0 probabilities to the student's at the
                           # student's own input, per token (teacher_anchor); 0: the paper's eq. 11 alone, whose
                           # student keeps shedding entropy (RESULTS.md, "The teacher anchor")
+anchor_time = 'flat'      # the anchor's weight over the input time t~: flat | linear (1.5 (1 - alpha_t~): more on the
+                          # mostly masked inputs that make a sampler's first steps; see teacher_anchor)
 beta2 = 0.999
 weight_decay = 0.0
 grad_clip = 0.0           # 0: off, as in the paper; gradient norms are logged either way
@@ -133,6 +136,8 @@ keep_best = True          # also keep best.pt: among the periodic evaluations, t
 entropy_tolerance = 0.02
 eval_samples = 256        # sequences per budget and noise stream; 0 skips evaluation and the final table
 eval_streams = 3          # noise streams per evaluation: each cell is their mean +- sd (eval.py)
+eval_batch_size = 64      # sequences generated at once in every evaluation: eval.py's default, so a run's rows are
+                          # the rows eval.py prints for the same checkpoint and seed (the draws depend on it)
 judge = ''                # an AR checkpoint (train.py --teacher ar) for judge GenPPL; '' = none
 track_steps = 0           # > 0: every log_every iterations, measure the fake's distance from its optimum with this
                           # many extra updates of a copy (logged as fake_lag)
@@ -261,20 +266,26 @@ def context_term(x_s, noisy, gaps, mask_id):
     return ((r - baseline) * log_p).sum()
 
 
-def teacher_anchor(teacher, objective, noisy, x0):
+def teacher_anchor(teacher, objective, noisy, x0, linear_time=False):
     """Ours, not the paper's: the forward KL(f*(x_t~) || G_theta(x_t~)) from the teacher's x0 probabilities to the
     student's at the student's own input, summed over positions and averaged per token (MDLM and SEDD carry-over
     positions, one-hot in both, add 0). Eq. 8 pins down only the mixture of one-jump samples, and many students reach
     its optimum, most with a collapsed K-step sampler; this term picks the optimum nearest the teacher's per-position
-    marginals (tests/test_idlm_objective.py enumerates both facts). -> scalar"""
+    marginals (tests/test_idlm_objective.py enumerates both facts).
+    linear_time weighs each sequence by 1.5 (1 - alpha_t~), its expected share of masked positions times 1.5: with
+    t~ ~ U(0, 1) the same total weight over masked positions as flat, moved to the mostly masked inputs that make a
+    sampler's first steps (enumerated against flat: a closer 2-step sampler on four languages). -> scalar"""
     with torch.no_grad():
         target = student_x0(teacher, objective, noisy)                           # (B, L, N), no gradient
     log_ratio = target.clamp_min(1e-30).log() - x0.clamp_min(1e-30).log()
-    return torch.where(target > 0, target * log_ratio, torch.zeros_like(log_ratio)).sum(-1).mean()
+    per_token = torch.where(target > 0, target * log_ratio, torch.zeros_like(log_ratio)).sum(-1)   # (B, L)
+    if linear_time:
+        per_token = per_token * (1.5 * (1 - noisy.alpha)).to(per_token.dtype)                # alpha (B, 1)
+    return per_token.mean()
 
 
 def student_loss(student, teacher, fake, objective, x_data, generator, student_steps=0, context_grad=False,
-                 input_beta=1.0, anchor_weight=0.0):
+                 input_beta=1.0, anchor_weight=0.0, anchor_time='flat'):
     """eq. 11 on a real batch: the student's sample (student_state), corrupted once, scored by teacher and fake;
     plus anchor_weight x teacher_anchor. -> (loss to minimise, teacher loss, fake loss, context term, anchor KL)"""
     x_s, still_masked, source, x0 = student_state(student, objective, x_data, generator, student_steps, input_beta)
@@ -282,7 +293,7 @@ def student_loss(student, teacher, fake, objective, x_data, generator, student_s
     gaps, teacher_loss, fake_loss = token_gaps(teacher, fake, objective, x_s, noisy)
     zero = torch.zeros((), device=x_s.device)
     context = context_term(x_s, noisy, gaps, objective.mask_id) if context_grad else zero
-    anchor = teacher_anchor(teacher, objective, source, x0) if anchor_weight > 0 else zero
+    anchor = teacher_anchor(teacher, objective, source, x0, anchor_time == 'linear') if anchor_weight > 0 else zero
     return gaps.mean() + context + anchor_weight * anchor, teacher_loss.mean(), fake_loss.mean(), context, anchor
 
 
@@ -310,7 +321,7 @@ def iteration(state, teacher, objective, dataset, cfg, it, rank, world, device, 
     # 2. eq. 11: the student lowers teacher-minus-fake loss; the fake (unwrapped: no DDP) is frozen inside
     scorer = state.get('fake_avg', common.unwrap(fake))
     student_fn = lambda x, g: student_loss(student, teacher, scorer, objective, x, g, steps, cfg['context_grad'], beta,
-                                           cfg['anchor_weight'])
+                                           cfg['anchor_weight'], cfg['anchor_time'])
     batches = common.micro_batches(dataset, cfg, it, 0, rank, world, device)
     stats = common.all_reduce_mean(common.accumulate(student, batches, student_fn, local, device), world)
     common.check_finite(stats, 'IDLM', it, ckpt_path, FLAGS)
@@ -375,6 +386,8 @@ def check_config(cfg, world):
         raise UserError("--context_grad is for MDLM teachers (Duo's gradient already reaches its context)")
     if cfg['anchor_weight'] < 0:
         raise UserError(f"--anchor_weight weighs a KL and must be 0 or more, not {cfg['anchor_weight']}")
+    if cfg['anchor_time'] not in ('flat', 'linear'):
+        raise UserError(f"--anchor_time is flat or linear, not {cfg['anchor_time']!r}")
     if not cfg['input_beta'] > 0:
         raise UserError(f"--input_beta is the b of Beta(1, b) and must be positive, not {cfg['input_beta']} (1: U[0, 1])")
     if not 0 <= cfg['fake_ema'] < 1:
@@ -451,7 +464,7 @@ def distill(cfg):
     if world > 1:  # two wrappers: each all-reduces only in its own phase
         state.update(student=DDP(student), fake=DDP(fake))
     judge = evaluation.load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
-    bench = evaluation.Bench(dataset, judge, cfg['eval_samples'], cfg['batch_size'], cfg['seed'], device)
+    bench = evaluation.Bench(dataset, judge, cfg['eval_samples'], cfg['eval_batch_size'], cfg['seed'], device)
     evaluator = evaluation.Evaluator(bench, cfg, cfg['teacher'], schedule)
     evaluate = cfg['eval_samples'] > 0 and bool(evaluator.steps())
 

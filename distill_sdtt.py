@@ -86,6 +86,8 @@ eval_steps = '4,8,16,32'  # K-step budgets
 teacher_steps = '1024'    # extra budgets for the teacher in the final table: the many-step reference
 eval_samples = 256        # sequences per budget and noise stream; 0 skips evaluation and the final table
 eval_streams = 3          # noise streams per evaluation: each cell is their mean +- sd (eval.py)
+eval_batch_size = 64      # sequences generated at once in every evaluation: eval.py's default, so a run's rows are
+                          # the rows eval.py prints for the same checkpoint and seed (the draws depend on it)
 entropy_tolerance = 0.02  # verdicts: a student may lose this fraction of its teacher's entropy
 judge = ''                # an AR checkpoint (train.py --teacher ar) for judge GenPPL; '' = none
 ckpt_interval = 200
@@ -306,7 +308,7 @@ def distill(cfg):
     if world > 1:
         state['student'] = DDP(student)
     judge = evaluation.load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
-    bench = evaluation.Bench(dataset, judge, cfg['eval_samples'], cfg['batch_size'], cfg['seed'], device)
+    bench = evaluation.Bench(dataset, judge, cfg['eval_samples'], cfg['eval_batch_size'], cfg['seed'], device)
     evaluator = evaluation.Evaluator(bench, cfg, cfg['teacher'], schedule)
     evaluate = cfg['eval_samples'] > 0 and bool(evaluator.steps())
 

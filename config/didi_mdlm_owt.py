@@ -22,5 +22,6 @@ entropy_weight = 5e-4
 eval_interval = 1000
 eval_steps = '8,16,32,64,128'
 eval_samples = 40          # DiDi: 40 samples per configuration
+eval_batch_size = 16       # as config/eval_owt.py: each sequence's (L, V) float32 outputs take ~1.2 GB at the head
 ckpt_interval = 500
 rgas = True                # the paper reports its students guided by RGAS (App. F.3) beside plain sampling

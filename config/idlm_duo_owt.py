@@ -17,6 +17,7 @@ max_iters = 10000          # App. F gives no iteration count; 10k is about 1.2 h
 eval_interval = 1000
 eval_steps = '4,8,16'
 eval_samples = 64          # GenPPL with GPT-2 Large afterwards: python eval.py config/eval_owt.py --ckpt <out_dir>
+eval_batch_size = 16       # as config/eval_owt.py: each sequence's (L, V) float32 outputs take ~1.2 GB at the head
 ckpt_interval = 500
 log_every = 50
 anchor_weight = 0.0        # the paper's objective, eq. 11 alone (the CPU default's anchor is ours: distill_idlm.py)

@@ -10,11 +10,13 @@ L = 3 positions, the absorbing process with alpha_t = 1 - t, exact denoisers):
 4. the student's input times (--input_beta): weighting the mixture towards mostly clean inputs reaches an optimum
    whose sampler keeps more entropy; inputs from the student's own chain (not in the code) shed more.
 5. the teacher anchor (--anchor_weight): eq. 8 plus a forward KL to the teacher's x0 probabilities at the student's
-   input stops descent at the optimum nearest the teacher's marginals, whose sampler keeps the data's entropy.
+   input stops descent at the optimum nearest the teacher's marginals, whose sampler keeps the data's entropy;
+   weighted towards mostly masked inputs (--anchor_time linear) it gives a closer 2-step sampler.
 
 The student is a table: for every input state z (4^3 = 64) its logits (L, N); SUBS carry-over where z is clean."""
 import itertools
 import math
+from dataclasses import replace
 
 import torch
 
@@ -332,11 +334,14 @@ def test_inputs_from_the_students_own_chain_shed_more_entropy():
         assert entropy(sampler_distribution(own, 3)) < entropy(sampler_distribution(real, 3)) - 0.02
 
 
-def enumerated_anchor(logits, Pz, f_star):
-    """E_{z ~ Pz}[sum over masked positions of KL(f*(z) || G(z))]: distill_idlm.teacher_anchor per sequence."""
+def enumerated_anchor(logits, Pz, f_star, linear_time=False):
+    """E_{z ~ Pz}[sum over masked positions of KL(f*(z) || G(z))]: distill_idlm.teacher_anchor per sequence.
+    linear_time: each state weighted by 1.5 E[t~ | z] = 1.5 (k + 1) / (L + 2) for k masks (t~ ~ U(0, 1): the posterior
+    of t~ given k is Beta(k + 1, L - k + 1)), the code's 1.5 (1 - alpha_t~) in expectation."""
     G = student_G(logits)
     kl = (f_star * (f_star.clamp_min(1e-300).log() - G.clamp_min(1e-300).log())).sum(-1)       # (64, L)
-    return (Pz * (kl * MASKED).sum(-1)).sum()
+    weight = 1.5 * (MASKED.sum(-1) + 1) / (L + 2) if linear_time else 1.0
+    return (Pz * weight * (kl * MASKED).sum(-1)).sum()
 
 
 def test_the_code_anchor_is_the_enumerated_one():
@@ -372,3 +377,26 @@ def test_a_teacher_anchor_picks_the_optimum_whose_sampler_keeps_the_data():
         assert entropy(alone) < H - 0.05
         assert entropy(anchored) > H - 0.01
         assert kl(anchored, p_star) < 0.7 * min(kl(alone, p_star), kl(teacher, p_star))
+
+
+def test_an_anchor_weighted_to_masked_inputs_gives_a_closer_two_step_sampler():
+    """--anchor_time linear: the code weighs a sequence's anchor by 1.5 (1 - alpha_t~). Enumerated at w = 0.1, it
+    moves the anchor to the mostly masked inputs that make a sampler's first steps, and the 2-step sampler ends
+    closer to p* in KL than with the flat anchor on four languages (by 11-20%; at 3 steps it is closer on two of the
+    four and farther on the other two, so this is a few-step claim only)."""
+    p_star = language(1)
+    Pz, f_star = input_probs(p_star), denoiser_table(p_star)
+    G, teacher, objective = student_G(f_star.clamp_min(1e-9).log() + 0.5), Table(f_star), MDLMObjective(N)
+    z = unit_weight_noisy(STATES[-1:])                                           # all masked
+    flat = idlm.teacher_anchor(teacher, objective, z, G[-1:]).item()
+    half = idlm.teacher_anchor(teacher, objective, replace(z, alpha=torch.full((1, 1), 0.5, dtype=F64)), G[-1:],
+                               linear_time=True).item()
+    assert abs(half - 0.75 * flat) < 1e-12                                       # 1.5 (1 - 0.5) x the flat value
+    for seed in range(4):
+        p_star = language(seed)
+        Pz, f_star = input_probs(p_star), denoiser_table(p_star)
+        init = f_star.clamp_min(1e-9).log()
+        two_step = {time: sampler_distribution(descend(
+            lambda th: one_shot_loss(th, Pz, f_star) + 0.1 * enumerated_anchor(th, Pz, f_star, time), init), 2)
+            for time in (False, True)}
+        assert kl(two_step[True], p_star) < 0.92 * kl(two_step[False], p_star)

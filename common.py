@@ -306,11 +306,12 @@ def folder_name(path):
 
 
 def check_batch(cfg, world):
-    """--batch_size and --grad_accum that every process can share."""
+    """--batch_size and --grad_accum that every process can share, and a distiller's --eval_batch_size (checked here,
+    before its teacher loads; train.py has none)."""
     if cfg['batch_size'] < 1 or cfg['grad_accum'] < 1:
         raise UserError(f"--batch_size and --grad_accum must be at least 1 (got {cfg['batch_size']} and "
                         f"{cfg['grad_accum']})")
-    if cfg.get('eval_batch_size', 1) < 1:       # the distillers' evaluations
+    if cfg.get('eval_batch_size', 1) < 1:
         raise UserError(f"--eval_batch_size must be at least 1 (got {cfg['eval_batch_size']})")
     if cfg['grad_accum'] % world:
         raise UserError(f"--grad_accum {cfg['grad_accum']} is not divisible by the {world} processes; "

@@ -151,3 +151,31 @@ def test_rgas_selection_rules():
     assert torch.allclose(
         discriminator_reward(score[mixed.reshape(-1, 3)], mixed.reshape(-1, 3), 3, 'sum').view(3, -1)[:, 0],
         torch.tensor([0.5, 6.0, 3.0]))
+
+
+class LeftTokenDiscriminator(torch.nn.Module):
+    """A logit read off the token to a position's left: the reward of a sample then depends on its masking."""
+    def forward(self, z, sigma):
+        return torch.linspace(-1, 1, N + 1)[torch.cat([torch.full_like(z[:, :1], N), z[:, :-1]], 1)]
+
+
+def test_reward_masks_average_eq_6_over_fresh_maskings():
+    """--reward_masks k: eq. 6 averaged over k maskings of x at the sample's t, drawn from the micro-batch's
+    generator, not read off roll.z. Over repeated draws for fixed samples the k-mean has the 1-draw mean and about
+    1/k of its variance (independent draws: the Rao-Blackwell argument in rollout_rewards); 0 keeps roll.z."""
+    disc = LeftTokenDiscriminator()
+    student = tiny_mdlm(N, L, perturb=0.1)
+    roll = didi.make_rollout(student, torch.randint(N, (B, L), generator=gen(0)), gen(1), CFG, N)
+    assert torch.equal(didi.rollout_rewards(disc, roll, CFG, None, N),
+                       discriminator_reward(disc(roll.z, None), roll.z, N).double())
+    k = 4
+    got = didi.rollout_rewards(disc, roll, {**CFG, 'reward_masks': k}, None, N, gen(2))
+    z = didi.Absorbing(N).sample(roll.x.repeat(k, 1), didi.alpha_loglinear(roll.t)[:, None].repeat(k, 1), gen(2))
+    assert torch.allclose(got, discriminator_reward(disc(z, None), z, N).double().view(k, B).mean(0))
+    draws = lambda k: torch.stack([didi.rollout_rewards(disc, roll, {**CFG, 'reward_masks': k}, None, N, gen(s))
+                                   for s in range(3, 803)])                  # (800, B): repeated draws per sample
+    one, four = draws(1), draws(4)
+    spread = one.std(0) / math.sqrt(800)
+    assert ((one.mean(0) - four.mean(0)).abs() < 5 * spread + 1e-9).all()
+    ratio = (four.var(0) / one.var(0))[one.var(0) > 1e-4]
+    assert len(ratio) > B // 2 and 0.15 < ratio.mean() < 0.35

@@ -108,7 +108,7 @@ grad_accum = 1            # micro-batches per phase in total; must be divisible 
 max_iters = 300           # student updates (each after fake_steps fake updates); with the anchor the student settles,
                           # so this is what fits the 20-minute first command, not an early stop (RESULTS.md)
 lr = 1e-4                 # student; the paper uses 1e-6 (3e-7 SEDD) for 169M models and far longer runs
-fake_lr = 1e-4
+fake_lr = 1e-4            # 5e-4: a fake that tracks the student closer loses less entropy, for 3-7% more GenPPL
 warmup_iters = 20         # linear warm-up, then constant (IDLM App. F)
 fake_steps = 1            # fake updates per student update (eq. 10 before eq. 11)
 fake_ema = 0.0            # > 0: the student is scored against an EMA of the fake with this decay (0: the fake itself)

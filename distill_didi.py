@@ -97,6 +97,8 @@ reward = 'disc'           # disc: the discriminator's log-ratio (eq. 6) | oracle
 logp_norm = 'token'       # log p_nu(x) per token ('token', / L) or per sequence ('sequence', eq. 15's sum)
 reward_masks = 0          # 0: eq. 6 on the masking the discriminator just trained on (Algorithm 1); k: its mean over k
                           # fresh maskings of each sample at the same t (ours: eq. 5's expectation, less variance)
+disc_steps = 1            # discriminator updates per student update (Algorithm 1: 1); the extra ones come first, each on
+                          # fresh rollouts of the current student, so the reward is nearer the optimal log-ratio
 reward_clip = 8.0         # |r| <= reward_clip before eq. 7 (public config); 0: off
 adv_clip = 3.0            # |advantage| <= adv_clip after eq. 7 (public config); 0: off
 label_smoothing = 0.0     # the discriminator's targets are 1 - s/2 (teacher) and s/2 (student). The public config's
@@ -360,23 +362,31 @@ def student_loss(student, teacher, roll, cfg, mask_id):
 def iteration(state, teacher, dataset, bank, cfg, it, rank, world, device, ckpt_path, diagnostics=None):
     """Algorithm 1 once: student samples, one discriminator update (eq. 8), one student update (eq. 5-7, 9), the
     EMA. Both phases see the same micro-batches: the rollouts of phase 1 are kept for phase 2, and appended to
-    diagnostics (a list) when one is given. -> LOGGED values"""
+    diagnostics (a list) when one is given. With --disc_steps k > 1 the discriminator first takes k - 1 updates on
+    rollouts of its own (batch phases 1 .. k-1). -> LOGGED values (the discriminator's from its last update)"""
     student, disc, local = state['student'], state['disc'], cfg['grad_accum'] // world
     mask_id, language = dataset.vocab_size, dataset.language()
     rollouts = []
 
-    def disc_fn(x_data, generator):
+    def disc_fn(x_data, generator, keep=True):
         x_real = x_data if bank is None else \
             bank[torch.randint(len(bank), (len(x_data),), generator=generator, device=device)]
         roll = make_rollout(common.unwrap(student), x_real, generator, cfg, mask_id)
-        rollouts.append((roll, generator))
+        if keep:
+            rollouts.append((roll, generator))
         return discriminator_loss(disc, roll.z, roll.z_real, sigma_of(roll.t), cfg['label_smoothing'])
 
-    batches = common.micro_batches(dataset, cfg, it, 0, rank, world, device)
-    disc_stats = common.all_reduce_mean(common.accumulate(disc, batches, disc_fn, local, device), world)
-    common.check_finite(disc_stats, 'discriminator', it, ckpt_path, FLAGS)
-    disc_norm = common.update(disc, state['disc_optimizer'], cfg['disc_lr'], cfg['grad_clip'])
-    common.unwrap(disc).power_iteration()   # once per update: see model.DiscriminatorHead
+    def disc_step(phase, fn):
+        batches = common.micro_batches(dataset, cfg, it, phase, rank, world, device)
+        disc_stats = common.all_reduce_mean(common.accumulate(disc, batches, fn, local, device), world)
+        common.check_finite(disc_stats, 'discriminator', it, ckpt_path, FLAGS)
+        disc_norm = common.update(disc, state['disc_optimizer'], cfg['disc_lr'], cfg['grad_clip'])
+        common.unwrap(disc).power_iteration()   # once per update: see model.DiscriminatorHead
+        return disc_stats, disc_norm
+
+    for j in range(cfg['disc_steps'] - 1):   # extra steps on fresh rollouts of the same student, not kept
+        disc_step(1 + j, lambda x, g: disc_fn(x, g, keep=False))
+    disc_stats, disc_norm = disc_step(0, disc_fn)
 
     for roll, generator in rollouts:   # the reward of eq. 6 from the updated discriminator, or the oracle's
         roll.r = rollout_rewards(common.unwrap(disc), roll, cfg, language, mask_id, generator)
@@ -542,6 +552,8 @@ def check_config(cfg, world):
               (cfg['group_share'] in ('none', 'tau', 'state'), f"--group_share is none, tau or state, not "
                                                                  f"{cfg['group_share']!r}"),
               (cfg['reward'] in ('disc', 'oracle'), f"--reward is disc or oracle, not {cfg['reward']!r}"),
+              (cfg['disc_steps'] >= 1, f"--disc_steps is a count of discriminator updates per student update "
+                                       f"(at least 1), not {cfg['disc_steps']}"),
               (cfg['reward_masks'] >= 0, f"--reward_masks is a count of maskings (0: the discriminator's own), not "
                                          f"{cfg['reward_masks']}"),
               (cfg['logp_norm'] in ('token', 'sequence'), f"--logp_norm is token or sequence, not {cfg['logp_norm']!r}"),

@@ -179,3 +179,25 @@ def test_reward_masks_average_eq_6_over_fresh_maskings():
     assert ((one.mean(0) - four.mean(0)).abs() < 5 * spread + 1e-9).all()
     ratio = (four.var(0) / one.var(0))[one.var(0) > 1e-4]
     assert len(ratio) > B // 2 and 0.15 < ratio.mean() < 0.35
+
+
+def test_disc_steps_update_the_discriminator_first_on_rollouts_of_its_own():
+    """--disc_steps k: k discriminator updates per iteration, the first k - 1 on rollouts it does not keep; the
+    student's rollouts are those of one step (the same samples as k = 1), rewarded by the discriminator after all k."""
+    data = torch.randint(N, (64, L), generator=gen(0))
+    dataset = SimpleNamespace(vocab_size=N, language=lambda: None, train=data, batch=lambda split, idx: data[idx])
+    teacher = tiny_mdlm(N, L)
+    runs = {}
+    for k in (1, 3):
+        cfg = {**CFG, 'disc_steps': k, 'batch_size': B, 'grad_accum': 1, 'seed': 0}
+        student = tiny_mdlm(N, L, perturb=0.1)
+        state = didi.make_state(student, didi.make_discriminator(teacher, 1), cfg)
+        kept = []
+        didi.iteration(state, teacher, dataset, None, cfg, 5, 0, 1, torch.device('cpu'), '', kept)
+        steps = {int(s['step']) for s in state['disc_optimizer'].state.values()}
+        runs[k] = state, kept, cfg
+        assert steps == {k} and len(kept) == 1
+    (one, [a], _), (three, [b], cfg) = runs[1], runs[3]
+    assert torch.equal(a.x, b.x) and torch.equal(a.z, b.z)                    # the same phase-0 rollout
+    assert torch.equal(b.r, didi.rollout_rewards(three['disc'], b, cfg, None, N))  # scored after all 3 updates
+    assert not torch.allclose(a.r, b.r)

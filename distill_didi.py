@@ -37,6 +37,8 @@ Every trick switches off by a flag, to rerun the leave-one-out ablation (DiDi Ta
                          student's GenPPL under both selection rules, and it is most of a run's evaluation time)
 Ours, off by default: --reward_masks k averages eq. 6 over k fresh maskings of each sample (rollout_rewards). Its
 reward ranks the samples better (corr. with the exact log p 0.25-0.27 against 0.18-0.19) and the student is no better.
+--disc_steps k gives the discriminator k - 1 extra updates per iteration: nearer its optimum, it made the student
+worse by GenPPL and higher in entropy (3 seeds, RESULTS.md).
 Logged every log_every iterations: the discriminator's loss and its mean P(teacher) on teacher and on student
 samples, the raw reward, the student's loss terms and gradient norms. Judge a run by the EMA student's GenPPL and
 entropy at K steps (every eval_interval iterations, in the final table, results.md, and history.png), not by these.

@@ -365,7 +365,8 @@ def iteration(state, teacher, dataset, bank, cfg, it, rank, world, device, ckpt_
     """Algorithm 1 once: student samples, one discriminator update (eq. 8), one student update (eq. 5-7, 9), the
     EMA. Both phases see the same micro-batches: the rollouts of phase 1 are kept for phase 2, and appended to
     diagnostics (a list) when one is given. With --disc_steps k > 1 the discriminator first takes k - 1 updates on
-    rollouts of its own (batch phases 1 .. k-1). -> LOGGED values (the discriminator's from its last update)"""
+    rollouts of its own (batch keys 1 .. k-1; Algorithm 1's step keeps key 0). -> LOGGED values (the
+    discriminator's from its last update)"""
     student, disc, local = state['student'], state['disc'], cfg['grad_accum'] // world
     mask_id, language = dataset.vocab_size, dataset.language()
     rollouts = []

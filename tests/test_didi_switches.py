@@ -197,7 +197,7 @@ def test_disc_steps_update_the_discriminator_first_on_rollouts_of_its_own():
         steps = {int(s['step']) for s in state['disc_optimizer'].state.values()}
         runs[k] = state, kept, cfg
         assert steps == {k} and len(kept) == 1
-    (one, [a], _), (three, [b], cfg) = runs[1], runs[3]
+    (_, [a], _), (three, [b], cfg) = runs[1], runs[3]
     assert torch.equal(a.x, b.x) and torch.equal(a.z, b.z)                    # the same phase-0 rollout
     assert torch.equal(b.r, didi.rollout_rewards(three['disc'], b, cfg, None, N))  # scored after all 3 updates
     assert not torch.allclose(a.r, b.r)

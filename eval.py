@@ -11,6 +11,8 @@ snapshot choice and plots, so that their numbers are comparable by construction.
         --ckpt sdtt=out/sdtt-mdlm-synthetic,idlm=out/idlm-mdlm-s0+out/idlm-mdlm-s1,dcd=out/dcd-duo-synthetic \\
         --streams 3 --greedy_tail both --out out/compare                  # the comparison of every method
     python eval.py --runs old=out/a-s0+out/a-s1,new=out/b-s0+out/b-s1 --out out/runs  # runs over iterations
+    python eval.py --teacher out/mdlm-synthetic --teacher_steps 1024 --ckpt out/idlm-mdlm-synthetic --steps 8,16 \
+        --temperature 1,0.8,0.7,0.6 --streams 3 --out out/temperature     # students against a tempered teacher
 
 Metrics for a batch of generated sequences x (num_samples, L):
   true GenPPL   exp(mean over sequences of -log p_true(x) / L), on the synthetic language only: exact, no judge.
@@ -33,9 +35,16 @@ its GenPPL is no worse and its entropy is within --entropy_tolerance below; both
 sampler can always buy GenPPL with entropy. The frontier plot (GenPPL against entropy, one curve per model over K)
 shows that trade at a glance.
 
+Temperature. The cheapest way to buy GenPPL with entropy is to sample x0_hat^(1/T) with T < 1 (sample.temper), and
+a few-step sampler has entropy to spare: it draws the positions of a step independently, so its samples are noisier
+(higher entropy) than the many-step chain's. --temperature 1,0.8,0.7 adds rows for every model at each T (labelled
+"T=0.8"; verdicts still against the untempered teacher) and temperature.png, GenPPL against entropy over T at each
+K: a distilled student is better than its teacher only if it beats the tempered teacher at equal entropy.
+
 Every row is sampled in float64 (sample.py). A run writes <out>/results.json, <out>/table.md, and with matplotlib
-<out>/plot.png (GenPPL and entropy against steps) and <out>/frontier.png. --runs reads no model: it gathers the
-periodic evaluations that distill_*.py logged in history.json, and across training seeds gives mean +- sd.
+<out>/plot.png (GenPPL and entropy against steps), <out>/frontier.png and, with --temperature, temperature.png.
+--runs reads no model: it gathers the periodic evaluations that distill_*.py logged in history.json, and across
+training seeds gives mean +- sd.
 """
 
 import json
@@ -70,12 +79,13 @@ streams = 1               # noise streams per cell (mean +- sd); 3 or more for a
 batch_size = 64
 seed = 0
 judge = ''                # an AR checkpoint (train.py --teacher ar), or gpt2:FOLDER (GPT-2, e.g. gpt2-large); '' = none
-floor = True              # on synthetic data, add the exact denoiser's rows (the best any K-step sampler can do)
+floor = True              # on synthetic data, add the exact denoiser's rows (a perfect teacher sampled in K steps)
 nelbo_batches = 16        # validation batches for the NELBO perplexity (0: skip)
 entropy_tolerance = 0.02  # verdicts: a student may lose this fraction of its teacher's entropy
 fused = True
 sampler = 'analytic'      # SEDD only
 greedy_tail = 'no'        # Duo only: no | yes | both (both rows, as the papers report both)
+temperature = '1'         # comma-separated T: every model (and the exact denoiser) is also sampled from x0_hat^(1/T)
 disc = ''                 # a DiDi-Instruct checkpoint: its discriminator guides extra RGAS rows of every MDLM model
 rgas_h = 30.0             # RGAS (sample.generate_rgas): the tilt of the first steps, ramped from 0
 rgas_tilt = 0.5           # fraction of the steps that tilt; the rest re-rank rgas_candidates candidates
@@ -201,14 +211,16 @@ class Bench:
         x = self.dataset.batch('val', torch.arange(min(self.num_samples, len(self.dataset.val))))
         return {'model': 'data (held out)', 'role': 'data', 'steps': 0, **self.score(x)}
 
-    def draw(self, net, kind, K, generator, schedule='loglinear', disc=None, greedy_tail=False, progress=False):
-        """num_samples sequences in K steps: the model's own sampler, or RGAS guided by disc (MDLM only)."""
+    def draw(self, net, kind, K, generator, schedule='loglinear', disc=None, greedy_tail=False, progress=False,
+             temperature=1.0):
+        """num_samples sequences in K steps: the model's own sampler (from x0_hat^(1/temperature)), or RGAS guided
+        by disc (MDLM only)."""
         if disc is not None:
             return generate_rgas(net, disc, self.num_samples, self.L, K, self.N, generator,
                                  batch_size=self.batch_size, fused=self.fused, progress=progress, **self.rgas)
         return generate(net, kind, self.num_samples, self.L, K, self.N, generator, batch_size=self.batch_size,
                         fused=self.fused, sampler=self.sampler if kind == 'sedd' else None,
-                        greedy_tail=greedy_tail, schedule=schedule, progress=progress)
+                        greedy_tail=greedy_tail, schedule=schedule, progress=progress, temperature=temperature)
 
 
 def mean_sd(values):
@@ -232,9 +244,10 @@ def pooled_row(label, parts, streams_per_part):
 
 
 def model_rows(bench, label, nets, kind, steps, streams, schedule='loglinear', disc=None, greedy_tail=False,
-               role='student', extra=None, progress=False):
+               role='student', extra=None, progress=False, temperature=1.0):
     """One row per K in steps for a model (nets: one network, or several training seeds of it), each the mean and
-    sd over `streams` (a list of stream numbers) x nets. Printed as they come. -> list of row dicts"""
+    sd over `streams` (a list of stream numbers) x nets. Printed as they come. With temperature T != 1 the label
+    gains " T=..." and the row keeps 'temperature' and its untempered label as 'base'. -> list of row dicts"""
     nets = nets if isinstance(nets, (list, tuple)) else [nets]
     rows = []
     for K in steps:
@@ -243,12 +256,13 @@ def model_rows(bench, label, nets, kind, steps, streams, schedule='loglinear', d
             for s in streams:
                 generator = common.step_generator(bench.seed + s, K, device=bench.device)
                 start = time.time()
-                x, nfe = bench.draw(net, kind, K, generator, schedule, disc, greedy_tail, progress)
+                x, nfe = bench.draw(net, kind, K, generator, schedule, disc, greedy_tail, progress, temperature)
                 seconds = time.time() - start
                 parts.append({'role': role, 'kind': kind, 'greedy_tail': greedy_tail, 'steps': K, 'nfe': nfe,
                               **bench.score(x),
                               'sec_per_seq': seconds / len(x), 'tok_per_sec': x.numel() / seconds, **(extra or {})})
-        rows.append(pooled_row(label, parts, len(streams)))
+        tempered = {} if temperature == 1.0 else {'temperature': temperature, 'base': label}
+        rows.append({**pooled_row(label + (f" T={temperature:g}" if tempered else ''), parts, len(streams)), **tempered})
         tqdm.write(format_row(rows[-1]))
     return rows
 
@@ -269,16 +283,33 @@ def better(row, best, reference, tolerance):
 
 
 def reference_row(rows, kind=None, greedy_tail=False):
-    """The teacher's row with the most steps (of the given kind, and sampled with the same greedy tail): what a
-    student is judged against, or None."""
+    """The untempered teacher's row with the most steps (of the given kind, and sampled with the same greedy tail):
+    what a student is judged against, or None."""
     teachers = [r for r in rows if r.get('role') == 'teacher' and kind in (None, r.get('kind'))
-                and r.get('greedy_tail', False) == greedy_tail]
+                and r.get('greedy_tail', False) == greedy_tail and 'temperature' not in r]
     return max(teachers, key=lambda r: r['steps'], default=None)
+
+
+def tempered_teacher(row, rows):
+    """The teacher at the row's K steps tempered to the row's entropy: (GenPPL, lower T, higher T), the GenPPL
+    interpolated linearly in log GenPPL against entropy between the two temperatures whose rows bracket it; None
+    without two such rows."""
+    key = genppl_key(row)
+    same = sorted((r for r in rows if r.get('role') == 'teacher' and r.get('kind') == row.get('kind')
+                   and r['steps'] == row['steps'] and r.get('greedy_tail', False) == row.get('greedy_tail', False)),
+                  key=lambda r: r['entropy'])
+    for lo, hi in zip(same, same[1:]):
+        if lo['entropy'] <= row['entropy'] <= hi['entropy'] and hi['entropy'] > lo['entropy']:
+            w = (row['entropy'] - lo['entropy']) / (hi['entropy'] - lo['entropy'])
+            genppl = math.exp((1 - w) * math.log(lo[key]) + w * math.log(hi[key]))
+            return genppl, lo.get('temperature', 1.0), hi.get('temperature', 1.0)
+    return None
 
 
 def verdicts(rows, tolerance):
     """One line per plain student row: its GenPPL and entropy against its teacher's row with the most steps, and
-    whether it matches() it."""
+    whether it matches() it; with tempered teacher rows at its K (--temperature), a second line against the teacher
+    tempered to the student's entropy (tempered_teacher): the trade a student must beat."""
     lines = []
     for r in rows:
         ref = reference_row(rows, r.get('kind'), r.get('greedy_tail', False))
@@ -288,6 +319,12 @@ def verdicts(rows, tolerance):
         lines.append(f"- {r['model']} at {r['steps']} steps: GenPPL {fmt_value(r, key)} vs {fmt_value(ref, key)}, "
                      f"entropy {fmt_value(r, 'entropy')} vs {fmt_value(ref, 'entropy')} ({change:+.2f}%) against "
                      f"{ref['model']} at {ref['steps']} steps: {'matched' if matches(r, ref, tolerance) else 'not matched'}")
+        if any('temperature' in t for t in rows if t.get('role') == 'teacher' and t['steps'] == r['steps']):
+            at = tempered_teacher(r, rows)
+            lines.append(f"  - at equal entropy: the teacher at {r['steps']} steps tempered to {r['entropy']:.3f} " +
+                         (f"(between T={at[1]:g} and T={at[2]:g}) scores {at[0]:.3f}: the student's GenPPL is "
+                          f"{100 * (r[key] / at[0] - 1):+.1f}% against it" if at else
+                          "is outside the range of the teacher's tempered rows: add temperatures"))
     return lines
 
 
@@ -354,11 +391,15 @@ def pyplot():
 YLABEL = {'genppl_true': 'true GenPPL', 'genppl_judge': 'judge GenPPL', 'entropy': 'entropy (nats)'}
 
 
-def save_figure(fig, legend_ax, path):
-    """The end of every plot here: a small legend on legend_ax, tight layout, a PNG at path."""
-    legend_ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def save_figure(fig, legend_ax, path, outside=False):
+    """The end of every plot here: a small legend on legend_ax (outside: to its right, for crowded plots), tight
+    layout, a PNG at path."""
+    if outside:
+        legend_ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1))
+    else:
+        legend_ax.legend(fontsize=7)
+        fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches='tight' if outside else None)
     pyplot().close(fig)
     print(f"wrote {path}")
 
@@ -412,6 +453,42 @@ def plot_frontier(rows, path):
     ax.set_ylabel(f"{YLABEL[key]}: lower is better")
     ax.grid(alpha=0.3)
     save_figure(fig, ax, path)
+
+
+def plot_temperature(rows, path, tolerance=0.02):
+    """GenPPL against entropy over the temperatures, one curve per model and K (each point labelled with its T),
+    with the untempered teacher at its most steps as the target: its GenPPL (dashed) and the lowest entropy it
+    allows (dotted). Where a student's curve lies below its teacher's at the same entropy, it is better
+    than temperature alone."""
+    plt = pyplot()
+    key = genppl_key(rows[-1])
+    if plt is None or key is None or not any('temperature' in r for r in rows):
+        return
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    curves = {}
+    for r in rows:
+        if r.get('role') != 'data':
+            curves.setdefault((r.get('base', r['model']), r['steps']), []).append(r)
+    for (model, K), pts in curves.items():
+        if len(pts) < 2:
+            continue
+        pts.sort(key=lambda r: -r.get('temperature', 1.0))
+        line = ax.errorbar([r['entropy'] for r in pts], [r[key] for r in pts], [r.get(key + '_sd', 0) for r in pts],
+                           [r.get('entropy_sd', 0) for r in pts], marker='o', ms=3, capsize=2, label=f"{model}, K={K}")
+        for r in pts:
+            ax.annotate(f"{r.get('temperature', 1.0):g}", (r['entropy'], r[key]), fontsize=6,
+                        color=line[0].get_color(), xytext=(2, 2), textcoords='offset points')
+    ref = reference_row(rows)
+    if ref is not None:
+        ax.axhline(ref[key], color='k', ls='--', lw=1, label=f"{ref['model']}, K={ref['steps']}")
+        ax.axvline((1 - tolerance) * ref['entropy'], color='k', ls=':', lw=1,
+                   label=f"its entropy less {100 * tolerance:g}%: matched is right of this, below the dashed line")
+    ax.set_yscale('log')
+    ax.set_xlabel('entropy (nats): higher is more diverse')
+    ax.set_ylabel(f"{YLABEL[key]}: lower is better")
+    ax.set_title('temperature: each point labelled with its T')
+    ax.grid(alpha=0.3)
+    save_figure(fig, ax, path, outside=True)
 
 
 def plot_history(history, reference, path, tolerance=0.02):
@@ -510,6 +587,17 @@ def parse_models(spec):
     return models
 
 
+def parse_temperatures(text):
+    """--temperature '1,0.8,0.7' -> the temperatures other than 1, in order (the untempered rows always come)."""
+    try:
+        values = [float(t) for t in str(text).split(',') if t.strip()]
+    except ValueError:
+        values = [0.0]
+    if not values or min(values) <= 0:
+        raise UserError(f"--temperature takes comma-separated numbers above 0 (1: the model as it is), not {text!r}")
+    return [T for T in dict.fromkeys(values) if T != 1.0]
+
+
 def sweep(cfg):
     _, _, device = common.setup_distributed(cfg['device'])
     dataset = load_data(ensure_data(cfg['data']))
@@ -526,6 +614,7 @@ def sweep(cfg):
                   cfg['sampler'])
     disc = load_discriminator(cfg['disc'], dataset.vocab_size, device) if cfg['disc'] else None
     streams = list(range(1, cfg['streams'] + 1))
+    temperatures = parse_temperatures(cfg['temperature'])
     models = [(label, paths, 'teacher') for label, paths in parse_models(cfg['teacher'])] + \
              [(label, paths, 'student') for label, paths in parse_models(cfg['ckpt'])]
     kinds, rows = [], []
@@ -543,13 +632,17 @@ def sweep(cfg):
         for tail in TAILS[cfg['greedy_tail']] if kind == 'duo' else (False,):
             rows += model_rows(bench, label + (' + greedy tail' if tail else ''), net, kind, model_steps, streams,
                                schedule, None, tail, role, nelbo)
+            for T in temperatures:    # tempered rows at --steps only: the untempered many-step row is the reference
+                rows += model_rows(bench, label + (' + greedy tail' if tail else ''), net, kind, steps, streams,
+                                   schedule, None, tail, role, temperature=T)
         if disc is not None and kind == 'mdlm':
             rows += model_rows(bench, f"{label} + RGAS", net, kind, steps, streams, disc=disc, role=role)
     wanted_floor = cfg['floor'] or any(paths == ['exact'] for _, paths, _ in models)
     if wanted_floor and language is not None:
         for kind in dict.fromkeys(kinds or [cfg['kind']]):
-            rows += model_rows(bench, f"exact {kind} denoiser", exact_denoiser(language, kind), kind, steps, streams,
-                               role='floor')
+            for T in [1.0] + temperatures:
+                rows += model_rows(bench, f"exact {kind} denoiser", exact_denoiser(language, kind), kind, steps,
+                                   streams, role='floor', temperature=T)
     elif any(paths == ['exact'] for _, paths, _ in models):
         raise UserError("--ckpt exact needs synthetic data with a known language")
     return rows, bench
@@ -642,6 +735,7 @@ def main(argv=None):
         json.dump({'config': cfg, 'rows': rows}, f, indent=1)
     plot_sweep(rows, os.path.join(cfg['out'], 'plot.png'))
     plot_frontier(rows, os.path.join(cfg['out'], 'frontier.png'))
+    plot_temperature(rows, os.path.join(cfg['out'], 'temperature.png'), cfg['entropy_tolerance'])
 
 
 if __name__ == '__main__':

@@ -29,6 +29,12 @@ Precision (Zheng et al. 2024, IDLM App. F): the network runs in float32 (bf16 au
 computation runs in float64. float32 Gumbel noise truncates the tail and lowers the effective temperature, which
 makes generative perplexity look better than it is.
 
+Temperature (temper): every sampler above draws its tokens from x0_hat; with temperature T it draws them from
+x0_hat^(1/T), renormalised over the real tokens at each position (SEDD: the scores keep their total mass, so only
+which token, not whether a position unmasks, changes). T < 1 is mode-seeking: lower GenPPL, lower entropy. It is the
+baseline any distilled student must beat at equal entropy, since few-step samplers draw every position of a step
+independently and so come out noisier (higher entropy) than the many-step chain (RESULTS.md, "Temperature").
+
 RGAS (DiDi-Instruct eq. 10-11, generate_rgas): the MDLM ancestral step guided by a DiDi-Instruct discriminator,
 gradient tilting in the first steps and re-ranking of candidates in the last ones; see its section below.
 
@@ -71,6 +77,7 @@ out = ''                  # default: <ckpt folder>/samples_<steps>.npy (decoded 
 fused = True              # False: the reference sampler (full float64 posteriors), slow but obviously right
 sampler = 'analytic'      # SEDD only: analytic | euler
 greedy_tail = False       # Duo only: end with every token set to argmax x0_hat (lower entropy)
+temperature = 1.0         # draw tokens from x0_hat^(1/T) (temper); < 1 trades entropy for GenPPL
 chunk = 8192              # vocabulary columns per Gumbel-max chunk: memory O(rows * chunk)
 device = 'auto'
 progress = True
@@ -283,6 +290,23 @@ def sedd_coefficient(sampler, plan, k):
     return torch.expm1(plan.sigma[k] - plan.sigma[k + 1])
 
 
+def temper(out, kind, temperature):
+    """The network's output with x0_hat replaced by x0_hat^(1/T), renormalised over the N real tokens at every
+    position. MDLM and Duo: out is log x0_hat (an MDLM's mask column and its one-hot carry-over at unmasked positions
+    stay as they are). SEDD: out holds log-scores l_y = log x0_hat_y + log-mass, and the tempered scores keep that
+    total mass, so the chance that a position unmasks this step is the untempered one. T = 1 returns out itself;
+    any other T makes a float64 copy of out (B, L, V), which at GPT-2's vocabulary wants a smaller --batch_size."""
+    if temperature == 1.0:
+        return out
+    if kind == 'duo':
+        return (out.to(F64) / temperature).log_softmax(-1)
+    real = out[..., :-1].to(F64)
+    shape = (real / temperature).log_softmax(-1)
+    if kind == 'sedd':
+        shape = shape + real.logsumexp(-1, keepdim=True)
+    return torch.cat([shape.clamp_min(NEG_INF), out[..., -1:].to(F64)], dim=-1)
+
+
 def take_step(kind, out, z, plan, k, generator, fused, sampler, chunk):
     """Step k of the grid, t_k -> t_{k+1}, for any kind of model."""
     alpha_t, alpha_s = plan.alpha[k], plan.alpha[k + 1]
@@ -301,7 +325,8 @@ def call_network(net, z, sigma):
         return net(z, sigma)
 
 
-def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tail, cache, chunk, bar=None):
+def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tail, cache, chunk, bar=None,
+                 temperature=1.0):
     """Run the K steps on one batch from pure noise. cache: the network ignores sigma (MDLM's released model, and
     the exact absorbing denoiser), so its output changes only where z changed: rows of the batch that did not
     change since the last call keep their output, and a step where no row changed makes no call.
@@ -318,7 +343,7 @@ def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tai
             out, calls = call_network(net, z, sigma), calls + 1
         elif stale.any():
             out[stale], calls = call_network(net, z[stale], sigma[stale]), calls + 1
-        z_new = take_step(kind, out, z, plan, k, generator, fused, sampler, chunk)
+        z_new = take_step(kind, temper(out, kind, temperature), z, plan, k, generator, fused, sampler, chunk)
         stale, z = (z_new != z).any(-1), z_new
         if bar is not None:
             bar.update(1)
@@ -330,17 +355,20 @@ def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tai
 
 @torch.no_grad()
 def generate(net, kind, num_samples, seq_len, steps, N, generator, batch_size=64, fused=True, sampler=None,
-             greedy_tail=False, time_conditioned=None, schedule='loglinear', chunk=8192, progress=True):
+             greedy_tail=False, time_conditioned=None, schedule='loglinear', chunk=8192, progress=True,
+             temperature=1.0):
     """Sample num_samples sequences of seq_len tokens in `steps` steps from the denoiser net (see the module
     docstring). kind: 'mdlm' | 'sedd' | 'duo'; N real tokens (absorbing models add mask id N); sampler (SEDD):
     'analytic' (default) | 'euler'; schedule: 'loglinear', or a DuoObjective for a Duo model; time_conditioned:
-    None reads net.config.time_conditioning (or net.time_conditioned), and only False allows caching (MDLM).
-    Everything runs on generator.device. Returns (LongTensor (num_samples, seq_len), NFE = network calls per
+    None reads net.config.time_conditioning (or net.time_conditioned), and only False allows caching (MDLM);
+    temperature: tokens are drawn from x0_hat^(1/T) (temper). Everything runs on generator.device. Returns (LongTensor (num_samples, seq_len), NFE = network calls per
     batch, averaged over batches)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be above 0 (1 samples the model as it is), got {temperature!r}")
     sampler = sampler or ('analytic' if kind == 'sedd' else 'ancestral')
     allowed = ('analytic', 'euler') if kind == 'sedd' else ('ancestral',)
     if sampler not in allowed:
@@ -360,7 +388,8 @@ def generate(net, kind, num_samples, seq_len, steps, N, generator, batch_size=64
     samples, calls = [], []
     for b0 in batches:
         B = min(batch_size, num_samples - b0)
-        z, c = sample_batch(net, kind, B, seq_len, N, plan, generator, fused, sampler, greedy_tail, cache, chunk, bar)
+        z, c = sample_batch(net, kind, B, seq_len, N, plan, generator, fused, sampler, greedy_tail, cache, chunk, bar,
+                            temperature)
         samples.append(z)
         calls.append(c)
     bar.close()
@@ -645,6 +674,8 @@ def main(argv=None):
         return export(cfg)
     if cfg['num_samples'] < 1 or cfg['steps'] < 1 or cfg['batch_size'] < 1:
         raise UserError("--num_samples, --steps and --batch_size must be at least 1")
+    if cfg['rgas'] and cfg['temperature'] != 1.0:
+        raise UserError("--temperature applies to the plain sampler, not to --rgas; drop one of the two")
     rank, world, device = common.setup_distributed(cfg['device'])
     net, kind, N, L, meta, schedule, folder = open_target(cfg, rank, world, device)
     share = cfg['num_samples'] // world + (rank < cfg['num_samples'] % world)   # exact total, as even as possible
@@ -661,13 +692,14 @@ def main(argv=None):
             x, nfe = generate(net, kind, share, L, cfg['steps'], N, generator, batch_size=cfg['batch_size'],
                               fused=cfg['fused'], sampler=cfg['sampler'] if kind == 'sedd' else None,
                               greedy_tail=cfg['greedy_tail'], schedule=schedule, chunk=cfg['chunk'],
-                              progress=cfg['progress'] and rank == 0)
+                              progress=cfg['progress'] and rank == 0, temperature=cfg['temperature'])
     except ValueError as e:
         raise UserError(str(e)) from None
     seconds = time.time() - start
     samples = gather_samples(x, world)
     if rank == 0:
-        path = cfg['out'] or os.path.join(folder, f"{'rgas' if cfg['rgas'] else 'samples'}_{cfg['steps']}.npy")
+        tag = '' if cfg['temperature'] == 1.0 else f"_T{cfg['temperature']:g}"
+        path = cfg['out'] or os.path.join(folder, f"{'rgas' if cfg['rgas'] else 'samples'}_{cfg['steps']}{tag}.npy")
         save_samples(path, samples, meta)
         print(f"wrote {len(samples)} samples of {L} tokens to {path} (+ .txt): {kind}, K={cfg['steps']}, "
               f"NFE {nfe:.1f} per batch, {seconds / max(1, share):.4f} s per sequence on rank 0")

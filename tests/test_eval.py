@@ -69,10 +69,48 @@ def test_sweep_writes_rows_table_and_plot(tiny_run):
     assert (out / 'plot.png').stat().st_size > 1000
 
 
+def test_tempered_rows_are_judged_against_the_untempered_teacher(tiny_run):
+    """--temperature adds rows at --steps for every model and for the exact denoiser; the verdicts still compare
+    with the untempered teacher at its most steps, and sharpening x0_hat lowers the entropy."""
+    root, data = tiny_run
+    out = root / 'tempered'
+    evaluation.main([f'--teacher={root / "mdlm"}', '--teacher_steps=8', f'--ckpt=s={root / "mdlm"}', f'--data={data}',
+                     '--steps=2', '--num_samples=64', '--temperature=1,0.5', f'--out={out}', '--nelbo_batches=0'])
+    rows = json.load(open(out / 'results.json'))['rows']
+    assert [(r['model'], r['steps']) for r in rows] == [
+        ('data (held out)', 0), ('mdlm', 2), ('mdlm', 8), ('mdlm T=0.5', 2), ('s', 2), ('s T=0.5', 2),
+        ('exact mdlm denoiser', 2), ('exact mdlm denoiser T=0.5', 2)]
+    assert rows[5]['temperature'] == 0.5 and rows[5]['base'] == 's' and 'temperature' not in rows[4]
+    assert rows[7]['entropy'] < rows[6]['entropy'] - 0.05
+    ref = evaluation.reference_row(rows)
+    assert (ref['model'], ref['steps']) == ('mdlm', 8)
+    assert '- s T=0.5 at 2 steps: ' in (out / 'table.md').read_text() and 'against mdlm at 8 steps' in \
+        (out / 'table.md').read_text()
+    pytest.importorskip('matplotlib')
+    assert (out / 'temperature.png').stat().st_size > 1000
+
+
+def test_a_student_is_set_against_the_teacher_tempered_to_its_entropy():
+    """The teacher's GenPPL at the student's entropy, interpolated in log GenPPL between the bracketing temperatures."""
+    def row(model, role, steps, genppl, entropy, T=None):
+        return {'model': model, 'role': role, 'kind': 'mdlm', 'steps': steps, 'genppl_true': genppl,
+                'entropy': entropy, **({'temperature': T} if T else {})}
+    rows = [row('t', 'teacher', 8, 20.0, 3.4), row('t T=0.8', 'teacher', 8, 10.0, 3.3, 0.8),
+            row('t', 'teacher', 64, 6.0, 3.35), row('s', 'student', 8, 6.0, 3.325), row('s2', 'student', 8, 9.0, 3.2)]
+    genppl, lo, hi = evaluation.tempered_teacher(rows[3], rows)
+    assert abs(genppl - 10.0 * 2 ** 0.25) < 1e-9 and (lo, hi) == (0.8, 1.0)      # a quarter of the way up, in log
+    assert evaluation.tempered_teacher(rows[4], rows) is None
+    lines = evaluation.verdicts(rows, 0.02)
+    assert lines[1] == ("  - at equal entropy: the teacher at 8 steps tempered to 3.325 (between T=0.8 and T=1) "
+                        f"scores {genppl:.3f}: the student's GenPPL is {100 * (6.0 / genppl - 1):+.1f}% against it")
+    assert 'outside the range' in lines[3]
+
+
 def test_bad_steps_and_a_judge_that_is_not_autoregressive(tiny_run):
     root, data = tiny_run
     for args, message in [(['--steps=4,x'], '--steps takes comma-separated integers >= 1'),
-                          ([f'--judge={root / "mdlm"}'], 'is not an AR model')]:
+                          ([f'--judge={root / "mdlm"}'], 'is not an AR model'),
+                          (['--temperature=1,0'], '--temperature takes comma-separated numbers above 0')]:
         r = subprocess.run([sys.executable, 'eval.py', f'--ckpt={root / "mdlm"}', f'--data={data}', *args],
                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
         assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr

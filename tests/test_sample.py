@@ -226,6 +226,36 @@ def test_exact_denoiser_with_many_steps_samples_the_language(tiny, kind, many, n
     assert stat > chi2_threshold(df), (stat, df)
 
 
+@pytest.mark.parametrize('kind', ['mdlm', 'sedd'])
+def test_temperature_draws_from_the_sharpened_x0_hat(tiny, kind):
+    """One step from all masks draws every position independently from x0_hat^(1/T), renormalised (x0_hat: the
+    exact marginals given no context): the draws fit p^2 / sum p^2 at T = 0.5 and not the untempered p."""
+    lang, _ = tiny
+    p = lang.denoise(torch.full((1, 4), 4), 'absorbing', 0.5)[0]                # (L, N): p(x_i) with no context
+    x, _ = draw(sample.exact_denoiser(lang, kind), kind, 4000, 1, temperature=0.5)
+    stat, df = per_position_chi_square(x, p ** 2 / (p ** 2).sum(-1, keepdim=True))
+    assert stat < chi2_threshold(df), (stat, df)
+    stat, df = per_position_chi_square(x, p)
+    assert stat > chi2_threshold(df), (stat, df)
+
+
+@pytest.mark.parametrize('kind', sample.KINDS)
+def test_temperature_one_is_the_model_and_near_zero_is_greedy(tiny, kind):
+    """T = 1 changes no draw; T -> 0 takes a most likely token of x0_hat (ties split at random). SEDD's tempered
+    scores keep their total mass, so whether a position unmasks does not change."""
+    lang, _ = tiny
+    net = sample.exact_denoiser(lang, kind)
+    assert torch.equal(draw(net, kind, 50, 3, seed=1, temperature=1.0)[0], draw(net, kind, 50, 3, seed=1)[0])
+    start = torch.randint(0, 4, (50, 4), generator=gen(2)) if kind == 'duo' else torch.full((50, 4), 4)
+    log_x0 = net(start, sample.time_plan(1).sigma[:1].expand(50))[..., :4]
+    x, _ = draw(net, kind, 50, 1, seed=2, temperature=1e-3)
+    assert torch.allclose(log_x0.gather(-1, x[..., None])[..., 0], log_x0.max(-1).values)
+    assert not torch.equal(x, draw(net, kind, 50, 1, seed=2)[0])
+    if kind == 'sedd':
+        out = torch.cat([log_x0, torch.zeros(50, 4, 1, dtype=F64)], -1)             # log-scores and the mask's 0
+        assert torch.allclose(sample.temper(out, 'sedd', 0.3)[..., :4].logsumexp(-1), log_x0.logsumexp(-1))
+
+
 def test_uniform_sampler_needs_the_leave_one_out_denoiser(tiny):
     """Plugging p(x_i | z) (data.SyntheticLanguage.denoise) into the uniform posterior is visibly wrong: the
     plug-in step is exact for x0_hat = p(x_i | z without z_i), the quantity exact_denoiser(.., 'duo') returns."""

@@ -209,3 +209,5 @@ def test_bad_inputs_get_one_sentence(runs, tmp_path):
              f'--out={tmp_path / "bare.npy"}'])
     assert r.returncode == 0, r.stderr
     one_line(run(['sample.py', '--steps']), '--steps needs a value')
+    one_line(run(['sample.py', f'--ckpt={root / "mdlm"}', '--temperature=0', '--steps=2']), 'temperature must be above 0')
+    one_line(run(['sample.py', f'--ckpt={root / "didi"}', '--temperature=0.8', '--rgas=true']), 'drop one of the two')

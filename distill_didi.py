@@ -113,7 +113,9 @@ tau_b = 5.0
 omega = True              # omega(t) = -alpha'_t / (1 - alpha_t) clamped to [0.1, 10]; False: omega = 1
 weight_clip = 20.0        # ours: omega/pi, normalised to mean 1 under pi, is capped here (pi -> 0 at the ends); 0: off
 decompose = True          # eq. 9: two-step generation z_1 -> z_tau -> x; False: one step z_1 -> x
-coupled_time = True       # the discriminator's time t = tau; False: t ~ pi independently
+coupled_time = True       # the discriminator's time t = tau; False: t ~ pi independently. False keeps the teacher's
+                          # entropy and, at equal entropy, beats the tempered teacher where True does not on the CPU
+                          # teacher (equal on syn2): a candidate default (RESULTS.md, "Temperature")
 kl_weight = 0.0           # forward KL(teacher || student) at both generation steps (paper 0.05, public code 0.01; per
                           # token here, so about 200x eq. 15's per-sequence balance: off by default, RESULTS.md)
 entropy_weight = 0.0      # entropy bonus on the student's x0 predictions (the paper: 5e-4; off by default, as kl_weight)

@@ -115,7 +115,7 @@ weight_clip = 20.0        # ours: omega/pi, normalised to mean 1 under pi, is ca
 decompose = True          # eq. 9: two-step generation z_1 -> z_tau -> x; False: one step z_1 -> x
 coupled_time = True       # the discriminator's time t = tau; False: t ~ pi independently. False keeps the teacher's
                           # entropy and, at equal entropy, beats the tempered teacher where True does not on the CPU
-                          # teacher (equal on syn2): a candidate default (RESULTS.md, "Temperature")
+                          # teacher (equal on syn2 and pydoc), so it stays True (RESULTS.md, "Temperature")
 kl_weight = 0.0           # forward KL(teacher || student) at both generation steps (paper 0.05, public code 0.01; per
                           # token here, so about 200x eq. 15's per-sequence balance: off by default, RESULTS.md)
 entropy_weight = 0.0      # entropy bonus on the student's x0 predictions (the paper: 5e-4; off by default, as kl_weight)

@@ -430,6 +430,21 @@ def plot_sweep(rows, path):
     save_figure(fig, axes[0][0], path)
 
 
+def entropy_curves(ax, curves, key, tag):
+    """GenPPL (log axis) against entropy on ax: one curve per {label: rows in order}, each point labelled with
+    tag(row) (its K on the frontier, its T on the temperature plot)."""
+    for label, pts in curves.items():
+        line = ax.errorbar([r['entropy'] for r in pts], [r[key] for r in pts], [r.get(key + '_sd', 0) for r in pts],
+                           [r.get('entropy_sd', 0) for r in pts], marker='o', ms=3, capsize=2, label=label)
+        for r in pts:
+            ax.annotate(tag(r), (r['entropy'], r[key]), fontsize=6, color=line[0].get_color(),
+                        xytext=(2, 2), textcoords='offset points')
+    ax.set_yscale('log')
+    ax.set_xlabel('entropy (nats): higher is more diverse')
+    ax.set_ylabel(f"{YLABEL[key]}: lower is better")
+    ax.grid(alpha=0.3)
+
+
 def plot_frontier(rows, path):
     """GenPPL against entropy, one curve per model over K (each point labelled with its K): a method that buys
     GenPPL with entropy moves left along its curve. The held-out data is the star to reach."""
@@ -438,20 +453,12 @@ def plot_frontier(rows, path):
     if plt is None or key is None:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
-    for m in dict.fromkeys(r['model'] for r in rows if r.get('role') != 'data'):
-        pts = sorted((r for r in rows if r['model'] == m), key=lambda r: r['steps'])
-        line = ax.errorbar([r['entropy'] for r in pts], [r[key] for r in pts], [r.get(key + '_sd', 0) for r in pts],
-                           [r.get('entropy_sd', 0) for r in pts], marker='o', ms=3, capsize=2, label=m)
-        for r in pts:
-            ax.annotate(str(r['steps']), (r['entropy'], r[key]), fontsize=6, color=line[0].get_color(),
-                        xytext=(2, 2), textcoords='offset points')
+    models = dict.fromkeys(r['model'] for r in rows if r.get('role') != 'data')
+    entropy_curves(ax, {m: sorted((r for r in rows if r['model'] == m), key=lambda r: r['steps']) for m in models},
+                   key, lambda r: str(r['steps']))
     data = next((r for r in rows if r.get('role') == 'data'), None)
     if data is not None:
         ax.plot([data['entropy']], [data[key]], 'k*', ms=12, label='data (held out)')
-    ax.set_yscale('log')
-    ax.set_xlabel('entropy (nats): higher is more diverse')
-    ax.set_ylabel(f"{YLABEL[key]}: lower is better")
-    ax.grid(alpha=0.3)
     save_figure(fig, ax, path)
 
 
@@ -469,25 +476,15 @@ def plot_temperature(rows, path, tolerance=0.02):
     for r in rows:
         if r.get('role') != 'data':
             curves.setdefault((r.get('base', r['model']), r['steps']), []).append(r)
-    for (model, K), pts in curves.items():
-        if len(pts) < 2:
-            continue
-        pts.sort(key=lambda r: -r.get('temperature', 1.0))
-        line = ax.errorbar([r['entropy'] for r in pts], [r[key] for r in pts], [r.get(key + '_sd', 0) for r in pts],
-                           [r.get('entropy_sd', 0) for r in pts], marker='o', ms=3, capsize=2, label=f"{model}, K={K}")
-        for r in pts:
-            ax.annotate(f"{r.get('temperature', 1.0):g}", (r['entropy'], r[key]), fontsize=6,
-                        color=line[0].get_color(), xytext=(2, 2), textcoords='offset points')
+    entropy_curves(ax, {f"{model}, K={K}": sorted(pts, key=lambda r: -r.get('temperature', 1.0))
+                        for (model, K), pts in curves.items() if len(pts) > 1},
+                   key, lambda r: f"{r.get('temperature', 1.0):g}")
     ref = reference_row(rows)
     if ref is not None:
         ax.axhline(ref[key], color='k', ls='--', lw=1, label=f"{ref['model']}, K={ref['steps']}")
         ax.axvline((1 - tolerance) * ref['entropy'], color='k', ls=':', lw=1,
                    label=f"its entropy less {100 * tolerance:g}%: matched is right of this, below the dashed line")
-    ax.set_yscale('log')
-    ax.set_xlabel('entropy (nats): higher is more diverse')
-    ax.set_ylabel(f"{YLABEL[key]}: lower is better")
     ax.set_title('temperature: each point labelled with its T')
-    ax.grid(alpha=0.3)
     save_figure(fig, ax, path, outside=True)
 
 

@@ -41,7 +41,9 @@ reward ranks the samples better (corr. with the exact log p 0.25-0.27 against 0.
 worse by GenPPL and higher in entropy (3 seeds, RESULTS.md).
 Logged every log_every iterations: the discriminator's loss and its mean P(teacher) on teacher and on student
 samples, the raw reward, the student's loss terms and gradient norms. Judge a run by the EMA student's GenPPL and
-entropy at K steps (every eval_interval iterations, in the final table, results.md, and history.png), not by these.
+entropy at K steps (every eval_interval iterations, in the final table, results.md, and history.png), not by these,
+and against the teacher tempered to the student's entropy (--eval_temperatures): a DiDi student that lowers both
+GenPPL and entropy may be doing no more than temperature does (RESULTS.md, "Temperature").
 """
 
 import copy
@@ -129,6 +131,9 @@ rgas_reward = 'mean'      # eq. 6 as the 'mean' or the 'sum' of the log-ratio ov
 eval_interval = 250       # iterations between evaluations of the EMA student (and at the end)
 eval_steps = '8,16'       # K-step budgets
 teacher_steps = '1024'    # extra budgets for the teacher in the final table: the many-step reference to match
+eval_temperatures = '0.8,0.7,0.6'  # the teacher also sampled from x0_hat^(1/T) at eval_steps: under each verdict, a
+                          # line against the teacher tempered to the student's entropy ('': none; README); 0.6
+                          # because DiDi's 8-step students sit below the teacher's entropy at T = 0.7
 eval_samples = 256        # sequences per budget and noise stream; 0 skips evaluation and the final table
 eval_streams = 3          # noise streams per evaluation: each cell is their mean +- sd (eval.py)
 eval_batch_size = 64      # sequences generated at once in every evaluation: eval.py's default, so a run's rows are

@@ -71,7 +71,8 @@ far the fake is from its optimum for the current student (its loss on fresh stud
 track_steps extra updates of a copy). The gap is NOT a convergence signal (it oscillates around zero and may go
 negative, as in SiD); judge the run by the EMA student's GenPPL and entropy at K steps, evaluated every
 eval_interval iterations on eval_streams noise streams (eval.py), in the final table (results.md) against the
-teacher at --teacher_steps, and plotted against iterations (history.png). best.pt keeps the evaluated EMA snapshot
+teacher at --teacher_steps and against the teacher tempered to the student's entropy (--eval_temperatures,
+temperature.png), and plotted against iterations (history.png). best.pt keeps the evaluated EMA snapshot
 with the lowest GenPPL among those within --entropy_tolerance of the teacher's entropy, chosen on the selection
 streams and reported on the report streams: a safeguard, not the method.
 """
@@ -139,6 +140,9 @@ eval_interval = 100       # iterations between evaluations of the EMA student (a
 eval_steps = '4,8,16'     # K-step budgets
 eval_raw = False          # also evaluate the raw (not averaged) student at every evaluation
 teacher_steps = '1024'    # extra budgets for the teacher in the final table: the many-step reference to match
+eval_temperatures = '0.8,0.7'  # the teacher also sampled from x0_hat^(1/T) at eval_steps: under each verdict, a line
+                          # against the teacher tempered to the student's entropy ('': none; README). Few, for time:
+                          # a student outside their range gets a line saying to add more
 keep_best = True          # also keep best.pt: among the periodic evaluations, the EMA student with the lowest GenPPL
                           # at the largest --eval_steps whose entropy is within entropy_tolerance of the teacher's at
                           # its most steps

@@ -33,7 +33,8 @@ the greedy tail, as the papers report both.
 
 Logged every log_every iterations: the loss, the gradient norm and the round. The EMA student is evaluated at the end
 of every round (or every eval_interval iterations) on eval_streams noise streams (eval.py), and the final table
-(results.md) sets it against the teacher at --teacher_steps; history.png plots the evaluations.
+(results.md) sets it against the teacher at --teacher_steps and against the teacher tempered to its entropy
+(--eval_temperatures); history.png plots the evaluations.
 """
 
 import copy
@@ -84,6 +85,8 @@ ema = 0.99                # EMA of the student: evaluated and saved as 'ema'; th
 eval_interval = 0         # 0: evaluate the EMA student at the end of every round; N: every N iterations
 eval_steps = '4,8,16,32'  # K-step budgets
 teacher_steps = '1024'    # extra budgets for the teacher in the final table: the many-step reference
+eval_temperatures = '0.8,0.7'  # the teacher also sampled from x0_hat^(1/T) at eval_steps: under each verdict, a line
+                          # against the teacher tempered to the student's entropy ('': none; README)
 eval_samples = 256        # sequences per budget and noise stream; 0 skips evaluation and the final table
 eval_streams = 3          # noise streams per evaluation: each cell is their mean +- sd (eval.py)
 eval_batch_size = 64      # sequences generated at once in every evaluation: eval.py's default, so a run's rows are

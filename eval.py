@@ -39,7 +39,8 @@ Temperature. The cheapest way to buy GenPPL with entropy is to sample x0_hat^(1/
 a few-step sampler has entropy to spare: it draws the positions of a step independently, so its samples are noisier
 (higher entropy) than the many-step chain's. --temperature 1,0.8,0.7 adds rows for every model at each T (labelled
 "T=0.8"; verdicts still against the untempered teacher) and temperature.png, GenPPL against entropy over T at each
-K: a distilled student is better than its teacher only if it beats the tempered teacher at equal entropy.
+K: a distilled student is better than its teacher only if it beats the tempered teacher at equal entropy. The
+distillers' final tables do the same with --eval_temperatures (the teacher tempered at their eval_steps).
 
 Every row is sampled in float64 (sample.py). A run writes <out>/results.json, <out>/table.md, and with matplotlib
 <out>/plot.png (GenPPL and entropy against steps), <out>/frontier.png and, with --temperature, temperature.png.
@@ -530,6 +531,7 @@ class Evaluator:
         self.bench, self.cfg, self.kind, self.schedule = bench, cfg, kind, schedule
         n = cfg['eval_streams']
         self.report_streams, self.select_streams = list(range(1, n + 1)), list(range(101, 101 + n))
+        self.temperatures()    # a bad value stops the run here, not after training
 
     def steps(self):
         return budgets(self.cfg['eval_steps'], '--eval_steps')
@@ -537,10 +539,13 @@ class Evaluator:
     def teacher_steps(self):
         return sorted(set(self.steps()) | set(budgets(self.cfg['teacher_steps'], '--teacher_steps')))
 
-    def rows(self, label, net, select, steps=None, disc=None, role='student', greedy_tail=False):
+    def temperatures(self):
+        return parse_temperatures(self.cfg['eval_temperatures'], '--eval_temperatures')
+
+    def rows(self, label, net, select, steps=None, disc=None, role='student', greedy_tail=False, temperature=1.0):
         return model_rows(self.bench, label, net, self.kind, steps or self.steps(),
                           self.select_streams if select else self.report_streams, self.schedule, disc,
-                          greedy_tail, role)
+                          greedy_tail, role, temperature=temperature)
 
     def reference(self, teacher, steps):
         """The teacher's row at its most steps on the selection streams: what best.pt must stay near."""
@@ -556,18 +561,23 @@ class Evaluator:
         return rows
 
     def final(self, teacher, students, out_dir, history, tails=(False,)):
-        """students: [(label, net, disc or None)]. The teacher at every budget, the students, the data row,
-        verdicts -> results.md; history.png. tails: Duo's greedy tail off and/or on."""
+        """students: [(label, net, disc or None)]. The teacher at every budget, and tempered at eval_steps (so each
+        verdict also faces the teacher at the student's entropy), the students, the data row, verdicts ->
+        results.md; history.png, temperature.png. tails: Duo's greedy tail off and/or on."""
         rows = []
         for tail in tails:
             suffix = ' + greedy tail' if tail else ''
             rows += self.rows(f"teacher {self.kind}{suffix}", teacher, False, self.teacher_steps(), role='teacher',
                               greedy_tail=tail)
+            for T in self.temperatures():
+                rows += self.rows(f"teacher {self.kind}{suffix}", teacher, False, role='teacher', greedy_tail=tail,
+                                  temperature=T)
             for label, net, disc in students:
                 rows += self.rows(label + suffix, net, False, disc=disc, greedy_tail=tail)
         rows = results_table(rows, self.bench, out_dir, self.cfg['entropy_tolerance'])
         plot_history(history, reference_row(rows), os.path.join(out_dir, 'history.png'),
                      self.cfg['entropy_tolerance'])
+        plot_temperature(rows, os.path.join(out_dir, 'temperature.png'), self.cfg['entropy_tolerance'])
         return rows
 
 
@@ -584,14 +594,14 @@ def parse_models(spec):
     return models
 
 
-def parse_temperatures(text):
-    """--temperature '1,0.8,0.7' -> the temperatures other than 1, in order (the untempered rows always come)."""
+def parse_temperatures(text, flag='--temperature'):
+    """'1,0.8,0.7' -> the temperatures other than 1, in order (the untempered rows always come); '' -> none."""
     try:
         values = [float(t) for t in str(text).split(',') if t.strip()]
     except ValueError:
         values = [0.0]
-    if not values or min(values) <= 0:
-        raise UserError(f"--temperature takes comma-separated numbers above 0 (1: the model as it is), not {text!r}")
+    if values and min(values) <= 0 or not values and str(text).strip():
+        raise UserError(f"{flag} takes comma-separated numbers above 0 (1: the model as it is), not {text!r}")
     return [T for T in dict.fromkeys(values) if T != 1.0]
 
 

@@ -334,16 +334,20 @@ def test_bad_options_are_refused(teacher, tmp_path, bad, message):
 
 def test_a_runs_teacher_rows_are_the_rows_eval_py_prints(teacher, tmp_path):
     """The final table draws with --eval_batch_size (eval.py's default), not the training batch: the teacher's rows
-    of a run at batch 8 equal eval.py's for the same checkpoint, seed and streams (the draws depend on the batch)."""
+    of a run at batch 8 equal eval.py's for the same checkpoint, seed and streams (the draws depend on the batch),
+    and so do its tempered rows (--eval_temperatures against eval.py's --temperature)."""
     root, data = teacher
     out = tmp_path / 'run'
     didi.main(args(root, data, out, max_iters=1, real='data', eval_samples=20, eval_steps='2', teacher_steps='4',
-                   eval_streams=2))
-    evaluation.main([f'--ckpt={root / "mdlm"}', f'--data={data}', '--steps=2,4', '--num_samples=20', '--streams=2',
-                     '--floor=false', '--nelbo_batches=0', f'--out={tmp_path / "eval"}'])
+                   eval_streams=2, eval_temperatures='0.7'))
+    evaluation.main([f'--teacher={root / "mdlm"}', f'--data={data}', '--steps=2', '--teacher_steps=4', '--num_samples=20',
+                     '--streams=2', '--floor=false', '--nelbo_batches=0', '--temperature=1,0.7',
+                     f'--out={tmp_path / "eval"}'])
 
     def cells(path, name):          # {steps: (GenPPL cell, entropy cell)} of the rows named name
         rows = [[c.strip() for c in line.strip().strip('|').split('|')] for line in open(path)]
         return {r[1]: (r[3], r[4]) for r in rows if r[0] == name}
     run, ref = cells(out / 'results.md', 'teacher mdlm'), cells(tmp_path / 'eval' / 'table.md', 'mdlm')
     assert set(run) == {'2', '4'} and run == ref
+    run, ref = cells(out / 'results.md', 'teacher mdlm T=0.7'), cells(tmp_path / 'eval' / 'table.md', 'mdlm T=0.7')
+    assert set(run) == {'2'} and run == ref and run['2'] != cells(out / 'results.md', 'teacher mdlm')['2']

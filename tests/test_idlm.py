@@ -410,9 +410,17 @@ def test_missing_default_teacher_is_trained_then_evaluated(tmp_path, monkeypatch
     assert '| teacher mdlm | 16 |' in table                        # --teacher_steps: the many-step reference row
     verdicts = [line for line in table.splitlines() if 'against teacher mdlm at 16 steps' in line]
     assert len(verdicts) == 2 and all('matched' in line for line in verdicts)   # one per student budget
+    # --eval_temperatures (default 0.8,0.7): the teacher tempered at the student's budgets only, and under each
+    # verdict a line against the teacher at the student's entropy
+    for T in ('0.8', '0.7'):
+        assert f'| teacher mdlm T={T} | 2 |' in table and f'| teacher mdlm T={T} | 4 |' in table
+        assert f'| teacher mdlm T={T} | 16 |' not in table
+    lines = table.splitlines()
+    assert all(lines[lines.index(v) + 1].startswith('  - at equal entropy: the teacher at') for v in verdicts)
     try:
         import matplotlib  # noqa: F401  (optional: the plot is skipped without it)
         assert os.path.getsize('out/idlm-mdlm-synthetic/history.png') > 1000
+        assert os.path.getsize('out/idlm-mdlm-synthetic/temperature.png') > 1000
     except ImportError:
         pass
     history = json.load(open('out/idlm-mdlm-synthetic/history.json'))

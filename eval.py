@@ -307,6 +307,17 @@ def tempered_teacher(row, rows):
     return None
 
 
+def outside(row, rows):
+    """Which temperatures would bracket a student row that tempered_teacher() could not place."""
+    same = [r for r in rows if r.get('role') == 'teacher' and r.get('kind') == row.get('kind')
+            and r['steps'] == row['steps'] and r.get('greedy_tail', False) == row.get('greedy_tail', False)]
+    top = max(same, key=lambda r: r['entropy'])
+    if row['entropy'] > top['entropy']:
+        return (f"a temperature above {top.get('temperature', 1.0):g} (the student keeps more entropy than the teacher "
+                f"at every T drawn)")
+    return f"a temperature below {min(r.get('temperature', 1.0) for r in same):g}"
+
+
 def verdicts(rows, tolerance):
     """One line per plain student row: its GenPPL and entropy against its teacher's row with the most steps, and
     whether it matches() it; with tempered teacher rows at its K (--temperature), a second line against the teacher
@@ -325,7 +336,7 @@ def verdicts(rows, tolerance):
             lines.append(f"  - at equal entropy: the teacher at {r['steps']} steps tempered to {r['entropy']:.3f} " +
                          (f"(between T={at[1]:g} and T={at[2]:g}) scores {at[0]:.3f}: the student's GenPPL is "
                           f"{100 * (r[key] / at[0] - 1):+.1f}% against it" if at else
-                          "is outside the range of the teacher's tempered rows: add temperatures"))
+                          f"is outside the range of the teacher's tempered rows: add {outside(r, rows)}"))
     return lines
 
 

@@ -103,7 +103,10 @@ def test_a_student_is_set_against_the_teacher_tempered_to_its_entropy():
     lines = evaluation.verdicts(rows, 0.02)
     assert lines[1] == ("  - at equal entropy: the teacher at 8 steps tempered to 3.325 (between T=0.8 and T=1) "
                         f"scores {genppl:.3f}: the student's GenPPL is {100 * (6.0 / genppl - 1):+.1f}% against it")
-    assert 'outside the range' in lines[3]
+    assert lines[3].endswith('outside the range of the teacher\'s tempered rows: add a temperature below 0.8')
+    rows[3]['entropy'] = 3.45                         # above the untempered teacher's: only T > 1 would bracket it
+    assert evaluation.verdicts(rows, 0.02)[1].endswith('add a temperature above 1 (the student keeps more entropy '
+                                                       'than the teacher at every T drawn)')
 
 
 def test_bad_steps_and_a_judge_that_is_not_autoregressive(tiny_run):

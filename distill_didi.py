@@ -550,6 +550,7 @@ def student_series(state, cfg):
 # The loop (Algorithm 1)
 
 def check_config(cfg, world):
+    evaluation.parse_temperatures(cfg['eval_temperatures'], '--eval_temperatures')   # before any teacher trains
     if cfg['teacher'] != 'mdlm':
         raise UserError(f"DiDi-Instruct distills MDLM teachers; --teacher {cfg['teacher']!r} is not supported")
     checks = [(cfg['real'] in ('data', 'bank'), f"--real is data or bank, not {cfg['real']!r}"),

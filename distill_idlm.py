@@ -388,6 +388,7 @@ def make_state(student, fake, cfg):
 
 
 def check_config(cfg, world):
+    evaluation.parse_temperatures(cfg['eval_temperatures'], '--eval_temperatures')   # before any teacher trains
     if cfg['teacher'] not in KINDS:
         raise UserError(f"unknown --teacher {cfg['teacher']!r}; IDLM distills one of {', '.join(KINDS)}")
     if cfg['fake_steps'] < 1:

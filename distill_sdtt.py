@@ -220,6 +220,7 @@ def dcd_loss(student, teacher, objective, x0, dt, generator, kind):
 # Setup and checkpoints
 
 def check_config(cfg, world):
+    evaluation.parse_temperatures(cfg['eval_temperatures'], '--eval_temperatures')   # before any teacher trains
     if cfg['teacher'] not in KINDS:
         raise UserError(f"unknown --teacher {cfg['teacher']!r}; step distillation takes mdlm (SDTT) or duo (DCD)")
     if cfg['loss'] not in LOSSES:

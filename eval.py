@@ -291,14 +291,20 @@ def reference_row(rows, kind=None, greedy_tail=False):
     return max(teachers, key=lambda r: r['steps'], default=None)
 
 
+def teacher_rows_at(row, rows):
+    """The teacher's rows at every temperature that a student row is set against: same kind, same K, same greedy
+    tail; sorted by entropy."""
+    return sorted((r for r in rows if r.get('role') == 'teacher' and r.get('kind') == row.get('kind')
+                   and r['steps'] == row['steps'] and r.get('greedy_tail', False) == row.get('greedy_tail', False)),
+                  key=lambda r: r['entropy'])
+
+
 def tempered_teacher(row, rows):
     """The teacher at the row's K steps tempered to the row's entropy: (GenPPL, lower T, higher T), the GenPPL
     interpolated linearly in log GenPPL against entropy between the two temperatures whose rows bracket it; None
     without two such rows."""
     key = genppl_key(row)
-    same = sorted((r for r in rows if r.get('role') == 'teacher' and r.get('kind') == row.get('kind')
-                   and r['steps'] == row['steps'] and r.get('greedy_tail', False) == row.get('greedy_tail', False)),
-                  key=lambda r: r['entropy'])
+    same = teacher_rows_at(row, rows)
     for lo, hi in zip(same, same[1:]):
         if lo['entropy'] <= row['entropy'] <= hi['entropy'] and hi['entropy'] > lo['entropy']:
             w = (row['entropy'] - lo['entropy']) / (hi['entropy'] - lo['entropy'])
@@ -307,20 +313,19 @@ def tempered_teacher(row, rows):
     return None
 
 
-def outside(row, rows):
-    """Which temperatures would bracket a student row that tempered_teacher() could not place."""
-    same = [r for r in rows if r.get('role') == 'teacher' and r.get('kind') == row.get('kind')
-            and r['steps'] == row['steps'] and r.get('greedy_tail', False) == row.get('greedy_tail', False)]
-    top = max(same, key=lambda r: r['entropy'])
-    if row['entropy'] > top['entropy']:
-        return (f"a temperature above {top.get('temperature', 1.0):g} (the student keeps more entropy than the teacher "
-                f"at every T drawn)")
-    return f"a temperature below {min(r.get('temperature', 1.0) for r in same):g}"
+def temperature_to_add(row, rows):
+    """What to add to --temperature / --eval_temperatures when tempered_teacher() cannot place a student row."""
+    same = teacher_rows_at(row, rows)
+    temperatures = [r.get('temperature', 1.0) for r in same]
+    if row['entropy'] > same[-1]['entropy']:
+        return f"a temperature above {max(temperatures):g} (the student keeps more entropy than the teacher at every T drawn)"
+    return f"a temperature below {min(temperatures):g}"
 
 
 def verdicts(rows, tolerance):
     """One line per plain student row: its GenPPL and entropy against its teacher's row with the most steps, and
-    whether it matches() it; with tempered teacher rows at its K (--temperature), a second line against the teacher
+    whether it matches() it; with tempered teacher rows at its K (--temperature, or a distiller's
+    --eval_temperatures), a second line against the teacher
     tempered to the student's entropy (tempered_teacher): the trade a student must beat."""
     lines = []
     for r in rows:
@@ -331,12 +336,12 @@ def verdicts(rows, tolerance):
         lines.append(f"- {r['model']} at {r['steps']} steps: GenPPL {fmt_value(r, key)} vs {fmt_value(ref, key)}, "
                      f"entropy {fmt_value(r, 'entropy')} vs {fmt_value(ref, 'entropy')} ({change:+.2f}%) against "
                      f"{ref['model']} at {ref['steps']} steps: {'matched' if matches(r, ref, tolerance) else 'not matched'}")
-        if any('temperature' in t for t in rows if t.get('role') == 'teacher' and t['steps'] == r['steps']):
+        if any('temperature' in t for t in teacher_rows_at(r, rows)):
             at = tempered_teacher(r, rows)
             lines.append(f"  - at equal entropy: the teacher at {r['steps']} steps tempered to {r['entropy']:.3f} " +
                          (f"(between T={at[1]:g} and T={at[2]:g}) scores {at[0]:.3f}: the student's GenPPL is "
                           f"{100 * (r[key] / at[0] - 1):+.1f}% against it" if at else
-                          f"is outside the range of the teacher's tempered rows: add {outside(r, rows)}"))
+                          f"is outside the range of the teacher's tempered rows: add {temperature_to_add(r, rows)}"))
     return lines
 
 
@@ -488,8 +493,9 @@ def plot_temperature(rows, path, tolerance=0.02):
     for r in rows:
         if r.get('role') != 'data':
             curves.setdefault((r.get('base', r['model']), r['steps']), []).append(r)
-    entropy_curves(ax, {f"{model}, K={K}": sorted(pts, key=lambda r: -r.get('temperature', 1.0))
-                        for (model, K), pts in curves.items() if len(pts) > 1},
+    entropy_curves(ax, {f"{model}, K={K}": sorted(pts, key=lambda r: -r.get('temperature', 1.0))   # a distiller's
+                        for (model, K), pts in curves.items()                                    # students: 1 point
+                        if len(pts) > 1 or pts[0].get('role') == 'student'},
                    key, lambda r: f"{r.get('temperature', 1.0):g}")
     ref = reference_row(rows)
     if ref is not None:
@@ -542,7 +548,6 @@ class Evaluator:
         self.bench, self.cfg, self.kind, self.schedule = bench, cfg, kind, schedule
         n = cfg['eval_streams']
         self.report_streams, self.select_streams = list(range(1, n + 1)), list(range(101, 101 + n))
-        self.temperatures()    # a bad value stops the run here, not after training
 
     def steps(self):
         return budgets(self.cfg['eval_steps'], '--eval_steps')
@@ -551,7 +556,9 @@ class Evaluator:
         return sorted(set(self.steps()) | set(budgets(self.cfg['teacher_steps'], '--teacher_steps')))
 
     def temperatures(self):
-        return parse_temperatures(self.cfg['eval_temperatures'], '--eval_temperatures')
+        """Without a GenPPL (no language, no judge) there is no verdict to set a tempered row against."""
+        given = parse_temperatures(self.cfg['eval_temperatures'], '--eval_temperatures')
+        return given if self.bench.language is not None or self.bench.judge is not None else []
 
     def rows(self, label, net, select, steps=None, disc=None, role='student', greedy_tail=False, temperature=1.0):
         return model_rows(self.bench, label, net, self.kind, steps or self.steps(),
@@ -588,7 +595,10 @@ class Evaluator:
         rows = results_table(rows, self.bench, out_dir, self.cfg['entropy_tolerance'])
         plot_history(history, reference_row(rows), os.path.join(out_dir, 'history.png'),
                      self.cfg['entropy_tolerance'])
-        plot_temperature(rows, os.path.join(out_dir, 'temperature.png'), self.cfg['entropy_tolerance'])
+        stale = os.path.join(out_dir, 'temperature.png')
+        if not self.temperatures() and os.path.exists(stale):
+            os.remove(stale)          # an earlier run's plot would pass for this one's
+        plot_temperature(rows, stale, self.cfg['entropy_tolerance'])
         return rows
 
 
@@ -611,7 +621,7 @@ def parse_temperatures(text, flag='--temperature'):
         values = [float(t) for t in str(text).split(',') if t.strip()]
     except ValueError:
         values = [0.0]
-    if values and min(values) <= 0 or not values and str(text).strip():
+    if str(text).strip() and not (values and all(math.isfinite(T) and T > 0 for T in values)):
         raise UserError(f"{flag} takes comma-separated numbers above 0 (1: the model as it is), not {text!r}")
     return [T for T in dict.fromkeys(values) if T != 1.0]
 

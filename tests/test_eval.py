@@ -109,6 +109,28 @@ def test_a_student_is_set_against_the_teacher_tempered_to_its_entropy():
                                                        'than the teacher at every T drawn)')
 
 
+def test_temperature_lists_the_plot_and_runs_without_a_genppl(monkeypatch, tmp_path):
+    """'' means none and nan/inf/0 are refused; a distiller's single student row is drawn on temperature.png; a run
+    with neither a language nor a judge draws no tempered rows (no verdict could use them)."""
+    assert evaluation.parse_temperatures('') == [] and evaluation.parse_temperatures('1,0.8') == [0.8]
+    for bad in ('nan', '0.8,inf', '0', ',', 'x'):
+        with pytest.raises(common.UserError, match='--eval_temperatures takes comma-separated numbers above 0'):
+            evaluation.parse_temperatures(bad, '--eval_temperatures')
+    from types import SimpleNamespace
+    cfg = {'eval_streams': 1, 'eval_temperatures': '0.8,0.7'}
+    assert evaluation.Evaluator(SimpleNamespace(language=None, judge=None), cfg, 'mdlm').temperatures() == []
+    assert evaluation.Evaluator(SimpleNamespace(language=object(), judge=None), cfg, 'mdlm').temperatures() == [0.8, 0.7]
+    pytest.importorskip('matplotlib')
+    drawn = {}
+    monkeypatch.setattr(evaluation, 'entropy_curves', lambda ax, curves, key, tag: drawn.update(curves))
+    row = lambda model, role, T=None: {'model': model + (f' T={T}' if T else ''), 'role': role, 'kind': 'mdlm',
+                                       'steps': 8, 'genppl_true': 10.0, 'entropy': 3.3,
+                                       **({'temperature': T, 'base': model} if T else {})}
+    evaluation.plot_temperature([row('t', 'teacher'), row('t', 'teacher', 0.8), row('s', 'student')],
+                                str(tmp_path / 'temperature.png'))
+    assert set(drawn) == {'t, K=8', 's, K=8'} and len(drawn['s, K=8']) == 1
+
+
 def test_bad_steps_and_a_judge_that_is_not_autoregressive(tiny_run):
     root, data = tiny_run
     for args, message in [(['--steps=4,x'], '--steps takes comma-separated integers >= 1'),

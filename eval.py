@@ -595,10 +595,10 @@ class Evaluator:
         rows = results_table(rows, self.bench, out_dir, self.cfg['entropy_tolerance'])
         plot_history(history, reference_row(rows), os.path.join(out_dir, 'history.png'),
                      self.cfg['entropy_tolerance'])
-        stale = os.path.join(out_dir, 'temperature.png')
-        if not self.temperatures() and os.path.exists(stale):
-            os.remove(stale)          # an earlier run's plot would pass for this one's
-        plot_temperature(rows, stale, self.cfg['entropy_tolerance'])
+        path = os.path.join(out_dir, 'temperature.png')
+        if not self.temperatures() and os.path.exists(path):
+            os.remove(path)           # an earlier run's plot would pass for this one's
+        plot_temperature(rows, path, self.cfg['entropy_tolerance'])
         return rows
 
 

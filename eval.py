@@ -318,15 +318,16 @@ def temperature_to_add(row, rows):
     same = teacher_rows_at(row, rows)
     temperatures = [r.get('temperature', 1.0) for r in same]
     if row['entropy'] > same[-1]['entropy']:
-        return f"a temperature above {max(temperatures):g} (the student keeps more entropy than the teacher at every T drawn)"
+        return (f"a temperature above {max(temperatures):g} (the student keeps more entropy than the teacher at "
+                "every T drawn)")
     return f"a temperature below {min(temperatures):g}"
 
 
 def verdicts(rows, tolerance):
     """One line per plain student row: its GenPPL and entropy against its teacher's row with the most steps, and
     whether it matches() it; with tempered teacher rows at its K (--temperature, or a distiller's
-    --eval_temperatures), a second line against the teacher
-    tempered to the student's entropy (tempered_teacher): the trade a student must beat."""
+    --eval_temperatures), a second line against the teacher tempered to the student's entropy (tempered_teacher):
+    the trade a student must beat."""
     lines = []
     for r in rows:
         ref = reference_row(rows, r.get('kind'), r.get('greedy_tail', False))
@@ -582,12 +583,12 @@ class Evaluator:
         """students: [(label, net, disc or None)]. The teacher at every budget, and tempered at eval_steps (so each
         verdict also faces the teacher at the student's entropy), the students, the data row, verdicts ->
         results.md; history.png, temperature.png. tails: Duo's greedy tail off and/or on."""
-        rows = []
+        rows, temperatures = [], self.temperatures()
         for tail in tails:
             suffix = ' + greedy tail' if tail else ''
             rows += self.rows(f"teacher {self.kind}{suffix}", teacher, False, self.teacher_steps(), role='teacher',
                               greedy_tail=tail)
-            for T in self.temperatures():
+            for T in temperatures:
                 rows += self.rows(f"teacher {self.kind}{suffix}", teacher, False, role='teacher', greedy_tail=tail,
                                   temperature=T)
             for label, net, disc in students:
@@ -596,7 +597,7 @@ class Evaluator:
         plot_history(history, reference_row(rows), os.path.join(out_dir, 'history.png'),
                      self.cfg['entropy_tolerance'])
         path = os.path.join(out_dir, 'temperature.png')
-        if not self.temperatures() and os.path.exists(path):
+        if not temperatures and os.path.exists(path):
             os.remove(path)           # an earlier run's plot would pass for this one's
         plot_temperature(rows, path, self.cfg['entropy_tolerance'])
         return rows

@@ -361,8 +361,8 @@ def generate(net, kind, num_samples, seq_len, steps, N, generator, batch_size=64
     docstring). kind: 'mdlm' | 'sedd' | 'duo'; N real tokens (absorbing models add mask id N); sampler (SEDD):
     'analytic' (default) | 'euler'; schedule: 'loglinear', or a DuoObjective for a Duo model; time_conditioned:
     None reads net.config.time_conditioning (or net.time_conditioned), and only False allows caching (MDLM);
-    temperature: tokens are drawn from x0_hat^(1/T) (temper). Everything runs on generator.device. Returns (LongTensor (num_samples, seq_len), NFE = network calls per
-    batch, averaged over batches)."""
+    temperature: tokens are drawn from x0_hat^(1/T) (temper). Everything runs on generator.device. Returns
+    (LongTensor (num_samples, seq_len), NFE = network calls per batch, averaged over batches)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if not (isinstance(steps, int) and steps >= 1):

@@ -12,6 +12,7 @@ The plumbing every script shares, kept in one place so the scripts can stay abou
 import ast
 import contextlib
 import copy
+import datetime
 import inspect
 import json
 from contextlib import nullcontext
@@ -25,21 +26,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import official
-from data import DataError
-from model import DiT, DiTConfig
-
 
 class UserError(Exception):
     """A problem with the user's input: printed as `error: <message>` with no traceback, exit code 2."""
 
 
 def run(main):
-    """Call main(), turning UserError / DataError into one clear line on stderr."""
+    """Call main(), turning a UserError (data.DataError is one) into one clear line on stderr."""
     code = 0
     try:
         main()
-    except (UserError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     if dist.is_initialized():
@@ -158,22 +155,32 @@ def configure(defaults, argv=None, source=None):
 # ----------------------------------------------------------------------------------------------------------------
 # torchrun
 
-def setup_distributed(device='auto'):
-    """Detect torchrun from its environment. Returns (rank, world_size, device); without torchrun, (0, 1, device)."""
+def setup_distributed(device='auto', timeout_minutes=120):
+    """Detect torchrun from its environment. Returns (rank, world_size, device); without torchrun, (0, 1, device).
+    'auto' takes CUDA only when every process on this node can have a GPU of its own. timeout_minutes: how long a
+    process waits at a collective, e.g. while rank 0 alone evaluates (NCCL's default, 10 minutes, is too short)."""
+    local_world, local_rank = int(os.environ.get('LOCAL_WORLD_SIZE', 1)), int(os.environ.get('LOCAL_RANK', 0))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        device = 'cuda' if gpus >= local_world else 'cpu'
+    if device.startswith('cuda') and gpus == 0:
+        raise UserError(f"--device {device}: this PyTorch sees no CUDA GPU; use --device cpu (or auto), or install a "
+                        f"CUDA build of torch")
+    if device.startswith('cuda') and local_rank >= gpus:
+        raise UserError(f"--device {device}: this node runs {local_world} processes but has {gpus} GPU(s); use "
+                        f"torchrun --nproc_per_node {gpus}, or --device cpu")
     if 'RANK' not in os.environ:
         return 0, 1, torch.device(device)
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if dist.is_initialized():  # a second call in one process (e.g. distillation that first trained its teacher)
         on_gpu = dist.get_backend() == 'nccl'
         return rank, world, torch.device('cuda', local_rank) if on_gpu else torch.device(device)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if device.startswith('cuda'):
         torch.cuda.set_device(local_rank)
-        dist.init_process_group('nccl')
+        dist.init_process_group('nccl', timeout=timeout)
         return rank, world, torch.device('cuda', local_rank)
-    dist.init_process_group('gloo')  # CPU: the same code path runs, and is testable, on a laptop
+    dist.init_process_group('gloo', timeout=timeout)  # CPU: the same code path runs, and is testable, on a laptop
     return rank, world, torch.device(device)
 
 
@@ -344,7 +351,10 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, rank=0):
+    """Restore rng_state(). Only rank 0's state is saved; any other rank derives its own from it and its rank, so the
+    ranks still draw different dropout masks after a resume (reproducibly, though not the masks an uninterrupted
+    multi-process run would have drawn)."""
     torch.set_rng_state(state['torch'])
     numpy_state = state['numpy']
     if isinstance(numpy_state, dict):
@@ -355,6 +365,27 @@ def set_rng_state(state):
     random.setstate((version, tuple(internal), gauss))
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
+    if rank > 0:
+        seed = int(torch.randint(2 ** 62, (1,)).item()) + rank
+        torch.manual_seed(seed)          # CPU and every GPU
+        np.random.seed(seed % 2 ** 32)
+        random.seed(seed)
+
+
+def resume_point(path, resume, rank, world, device):
+    """Whether to resume from the checkpoint at path (--resume true and the file exists). All ranks must agree: a rank
+    that cannot see it (out_dir on one node's own disk) would otherwise start again from iteration 0 alone."""
+    if not resume:
+        return False
+    seen = os.path.exists(path)
+    if world > 1:
+        share = all_reduce_mean(torch.tensor([float(seen)], device=device), world).item()
+        if 0 < share < 1:
+            raise UserError(f"--resume true: {path} is visible to {round(share * world)} of the {world} processes; "
+                            f"put --out_dir on a file system every node shares, or copy the checkpoint to every node")
+    if not seen and rank == 0:
+        print(f"--resume true: there is no checkpoint at {path} yet, so this run starts from iteration 0")
+    return seen
 
 
 def save_checkpoint(path, state):
@@ -412,31 +443,3 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}); "
                         f"re-create it or point to another file") from None
 
-
-def load_model(path, which='ema', kind=None):
-    """Rebuild a DiT from one of our checkpoints, or from an official SEDD / MDLM / Duo checkpoint in any layout
-    official.py reads (Hugging Face folder, SEDD run folder, Lightning .ckpt). which='ema' takes the averaged
-    weights when the file has them. Returns (model, checkpoint); an official one gets a checkpoint-like dict with
-    the same 'teacher', 'config', 'model_config' and 'data_meta' entries, so every script takes either. kind
-    ('mdlm' | 'duo' | 'sedd') says which model an official file holds when the file itself does not (a Lightning
-    .ckpt without hyper_parameters)."""
-    layout = official.detect_layout(path)
-    if layout is None and os.path.isdir(path):
-        raise UserError(str(official.unknown_layout(path)))
-    if layout not in (None, 'ours'):
-        try:
-            return official.load_official(path, which, kind=kind)
-        except official.CheckpointError as e:
-            raise UserError(str(e)) from None
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'model' not in ckpt:
-        raise UserError(str(official.unknown_layout(path)))
-    try:
-        model = DiT(DiTConfig(**ckpt['model_config']))
-        weights = ckpt['ema'] if which == 'ema' and ckpt.get('ema') else ckpt['model']
-        model.load_state_dict(weights)
-    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AttributeError) as e:
-        raise UserError(f"checkpoint {path} has a model_config or weights that do not make a DiT "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is damaged or was not written by "
-                        f"this project: re-create it") from None
-    return model, ckpt

@@ -1,29 +1,5 @@
 """
-Where tokens come from.
-
-Four sources, one on-disk format:
-
-1. A synthetic language whose exact probability is known (see shared/reference/benchmark.md): a mixture of K
-   sparse Markov chains. Because log p(x) is exact, every generated sample can be scored against the truth
-   ("true GenPPL"); the language's own samples score exp(H), H its entropy rate (a sampler that scores lower
-   has lost entropy: compare both numbers). The exact posterior marginals
-   p(x_i | z) of a corrupted sequence z are also computable (forward-backward): the output of a perfectly
-   trained x0-predictor (the MDLM loss, IDLM eq. 4, is minimised by x0_hat = p(x0 | x_t), position by position).
-2. Real text that needs no download: the documentation bundled with Python (pydoc_data), byte-level tokens.
-3. Your own text files, tokenised with tiktoken's GPT-2 encoding, or as bytes (--tokenizer bytes, vocab 256).
-4. An OpenWebText-style corpus (many documents in .txt files or .jsonl lines), streamed the same way, in the
-   1024-token blocks the official teachers were trained on, with the last documents held out as validation.
-
-The format (nanoGPT style): <dir>/train.bin and <dir>/val.bin hold np.uint16 token ids, each block of seq_len
-tokens is one training sequence; <dir>/meta.json says how to read them. vocab_size counts the REAL tokens only;
-an absorbing model adds its mask token (id vocab_size) itself. meta.json is written last, so a directory with a
-meta.json is complete; every file is written to a temporary name first and moved into place (os.replace).
-
-Token ids from anywhere else (another tokenizer, protein sequences, ...) need no code here: write train.bin and
-val.bin with numpy (uint16, blocks of seq_len) and a meta.json of this form, and every script takes the folder:
-    {"vocab_size": 25, "seq_len": 128, "tokenizer": "none",
-     "vocab": ["A", "C", "D", ...],    (optional: one string per id, to decode samples; else ids are printed)
-     "separator": ""}                  (optional: what joins decoded tokens; default " ")
+Where tokens come from: four sources, one on-disk format.
 
     python data.py --dataset synthetic            # -> data/synthetic (the benchmark language)
     python data.py --dataset synthetic --N 128 --L 48 --K 2 --successors 3 --out data/syn2   # another language
@@ -31,6 +7,27 @@ val.bin with numpy (uint16, blocks of seq_len) and a meta.json of this form, and
     python data.py --dataset text --files a.txt,b.txt --out data/mytext                    # GPT-2 BPE (tiktoken)
     python data.py --dataset text --files a.txt,b.txt --tokenizer bytes --out data/mybytes # bytes, no download
     python data.py --dataset owt --files /data/openwebtext --out data/owt --val_docs 100000   # a folder or files
+
+1. synthetic: a mixture of K sparse Markov chains (SyntheticLanguage) whose log p(x) is exact. Every sample can
+   be scored against the truth ("true GenPPL"; the language's own samples score exp(H), H its entropy rate), and
+   the exact posterior p(x_i | z) of a corrupted sequence is a perfectly trained denoiser (ExactDenoiser).
+2. pydoc: the documentation bundled with Python (pydoc_data) as bytes, vocab 256: real text with no download.
+3. text: your text files, as GPT-2 BPE or as bytes.
+4. owt: an OpenWebText-style corpus (.txt files or .jsonl lines), streamed in the 1024-token blocks the official
+   teachers were trained on, the last documents held out as validation.
+
+GPT-2's BPE is tiktoken's r50k_base (the ranks of its `gpt2` encoding, in one file). Offline, tiktoken finds the
+file in TIKTOKEN_CACHE_DIR under the SHA-1 of its URL: copy r50k_base.tiktoken there as
+0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4 (gpt2_encoding's error says so too).
+
+The format (nanoGPT's): <dir>/train.bin and <dir>/val.bin hold np.uint16 ids, one sequence per block of seq_len,
+and <dir>/meta.json says how to read them. vocab_size counts the real tokens; an absorbing model adds its mask (id
+vocab_size) itself. Each file is written under a temporary name and moved into place, meta.json last, so a
+directory with a meta.json is complete. Ids from anywhere else (another tokenizer, proteins) need no code here:
+write the two .bin files with numpy and a meta.json such as
+    {"vocab_size": 25, "seq_len": 128, "tokenizer": "none",
+     "vocab": ["A", "C", "D", ...],    (optional: one string per id, to decode samples; else ids are printed)
+     "separator": ""}                  (optional: what joins decoded tokens; default " ")
 """
 
 import functools
@@ -46,11 +43,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import UserError, configure
+from model import NEG_INF
+
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
-GPT2_EOS = 50256
+GPT2_EOS = 50256                                              # <|endoftext|>, GPT-2's only special token
+R50K_URL = 'https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken'
+R50K_CACHE_NAME = '0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4'  # sha1(R50K_URL): the file's name in the cache
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem with the data that the user can fix; its message is one sentence, printed without traceback."""
 
 
@@ -115,11 +117,8 @@ class SyntheticLanguage:
         return torch.logsumexp(per_comp + self.log_weights[:, None], dim=0)
 
     def entropy_rate(self, num_samples=20000, seed=1234):
-        """
-        H in nats per token, by Monte Carlo with exact likelihoods: H = E[-log p(x)] / L, x ~ p.
-        Returns (H, stderr). (Its exact value lies between H(X|K)/L and (H(X|K) + log K)/L; the mixture's
-        entropy itself has no closed form.) Cached per (num_samples, seed).
-        """
+        """(H, stderr): H = E[-log p(x)] / L nats per token by Monte Carlo with exact likelihoods, cached per
+        (num_samples, seed). A mixture's entropy has no closed form; it lies in [H(X|K), H(X|K) + log K] / L."""
         key = (num_samples, seed)
         if key not in self._entropy_cache:
             x = self.sample(num_samples, generator=torch.Generator().manual_seed(seed))
@@ -128,20 +127,14 @@ class SyntheticLanguage:
         return self._entropy_cache[key]
 
     def denoise(self, z, kind, alpha):
-        """
-        Exact posterior marginals p(x_i | z) -> float64 (B, L, N), for z (B, L) whose positions were corrupted
-        independently from a clean x ~ p by the emission e(z_i | x_i) with keep probability alpha:
-            absorbing: e(z | x) = alpha [z == x] + (1 - alpha) [z == N]   (N is the mask id)
-            uniform:   e(z | x) = alpha [z == x] + (1 - alpha) / N
-        These are the absorbing process's marginals at alpha_t (IDLM eq. 16) and the uniform process's (IDLM
-        eq. 17, scaled as in processes.py). For the absorbing process the result is the optimal x0-predictor of
-        MDLM (IDLM eq. 4). For the uniform process it is NOT the optimal UDLM x0-predictor: that one is the
-        "leave-one-out" posterior p(x_i | z without z_i), this result divided by position i's own emission
-        e(z_i | x) and renormalised (sample.ExactDenoiser does so; tests/test_sample.py checks it).
-        Per component: one forward and one backward pass, each step normalised to avoid underflow; the running
-        log of the normalisers is log p_k(z). Components are then weighted by pi_k p_k(z) / p(z).
-        alpha: float, or a tensor of shape (B,) or (B, 1).
-        """
+        """Exact posterior marginals p(x_i | z) -> float64 (B, L, N), for z (B, L) whose positions were corrupted
+        independently from a clean x ~ p with keep probability alpha (a float, or a tensor (B,) or (B, 1)):
+            absorbing: e(z | x) = alpha [z == x] + (1 - alpha) [z == N]   (N is the mask id; IDLM eq. 16)
+            uniform:   e(z | x) = alpha [z == x] + (1 - alpha) / N        (IDLM eq. 17, scaled as in processes.py)
+        Absorbing: this is MDLM's optimal x0-predictor (IDLM eq. 4). Uniform: the optimal UDLM x0-predictor is
+        the leave-one-out posterior p(x_i | z without z_i) instead (ExactDenoiser).
+        Per component, a forward and a backward pass, each step normalised against underflow (the normalisers'
+        logs sum to log p_k(z)); the components are then weighted by p(k | z) = pi_k p_k(z) / p(z)."""
         z = torch.as_tensor(z, dtype=torch.long)
         B, L = z.shape
         N = self.N
@@ -181,6 +174,43 @@ class SyntheticLanguage:
         return torch.einsum('nk,nkiv->niv', weight, post)
 
 
+class ExactDenoiser:
+    """The synthetic language's exact posterior (SyntheticLanguage.denoise) dressed as a network, in float64.
+
+    mdlm: SUBS log x0_hat (B, L, N + 1) = log p(x_i | z), mask column at NEG_INF. The absorbing posterior does not
+          depend on alpha (a mask is emitted with prob 1 - alpha whatever x is), so sigma is ignored and the
+          sampler may cache (time_conditioned = False). Unmasked positions come out one-hot: SUBS carry-over.
+    sedd: the exact log-score at masked positions, l_y = log p(x_i = y | z) - log expm1(sigma), since the
+          absorbing score is s_y = x0_hat_y / expm1(sigma_bar); the current token's entry is 0, as in the DiT head.
+    duo:  the uniform process at alpha = exp(-sigma). Its x0_hat is the leave-one-out posterior p(x_i | z without
+          z_i), NOT p(x_i | z): p(x_i | z) divided by z_i's own emission alpha [z_i = x] + (1 - alpha) / N and
+          renormalised. It minimises the UDLM loss, and only with it is q(z_s | z_t, x0_hat) the exact reverse step."""
+
+    def __init__(self, language, kind):
+        if kind not in ('mdlm', 'sedd', 'duo'):
+            raise ValueError(f"kind must be mdlm, sedd or duo, got {kind!r}")
+        self.language, self.kind, self.N = language, kind, language.N
+        self.time_conditioned = kind != 'mdlm'
+
+    def __call__(self, z, sigma):
+        N, sigma = self.N, sigma.to(torch.float64)
+        if self.kind == 'duo':
+            alpha = torch.exp(-sigma)[:, None, None]                                     # (B, 1, 1)
+            post = self.language.denoise(z, 'uniform', alpha[:, 0, 0])                  # (B, L, N)
+            own = alpha * torch.nn.functional.one_hot(z, N).to(torch.float64) + (1 - alpha) / N
+            return torch.log(post / own).log_softmax(-1).clamp_min(NEG_INF)
+        log_post = torch.log(self.language.denoise(z, 'absorbing', 0.5)).clamp_min(NEG_INF)  # any alpha in (0, 1)
+        if self.kind == 'sedd':
+            log_post = log_post - torch.log(torch.expm1(sigma))[:, None, None]
+        out = torch.cat([log_post, torch.full_like(log_post[..., :1], NEG_INF)], dim=-1)  # (B, L, N + 1)
+        return out.scatter(-1, z[..., None], 0.0) if self.kind == 'sedd' else out
+
+
+def exact_denoiser(language, kind):
+    """The exact denoiser of a SyntheticLanguage for a sampler kind ('mdlm', 'sedd', 'duo'); see ExactDenoiser."""
+    return ExactDenoiser(language, kind)
+
+
 def categorical(probs, generator=None):
     """One draw per row of probs (n, C) by inverting the CDF (much faster than torch.multinomial on CPU)."""
     u = torch.rand(probs.shape[0], 1, dtype=probs.dtype, generator=generator)
@@ -190,11 +220,8 @@ def categorical(probs, generator=None):
 def stationary_distribution(trans):
     """pi with pi T = pi and sum(pi) = 1 for a row-stochastic (N, N) numpy matrix (unique: T > 0 everywhere)."""
     N = trans.shape[0]
-    A = trans.T - np.eye(N)
-    A[-1] = 1.0  # replace one (redundant) balance equation by the normalisation
-    rhs = np.zeros(N)
-    rhs[-1] = 1.0
-    return np.linalg.solve(A, rhs)
+    A = np.vstack([(trans.T - np.eye(N))[:-1], np.ones(N)])  # one balance equation is redundant: normalise instead
+    return np.linalg.solve(A, np.eye(N)[-1])
 
 
 # -----------------------------------------------------------------------------
@@ -240,11 +267,14 @@ def write_meta(out_dir, meta):
         json.dump(meta, f, indent=2)
 
 
-def write_splits(out_dir, chunks, seq_len, val_fraction, chunk_blocks=4096):
-    """
-    Stream token chunks into a temporary flat file, then cut it into blocks of seq_len: the last val_fraction
-    of the blocks become val.bin, the rest train.bin (a ragged tail is dropped). Returns (n_train, n_val).
-    """
+def write_blocks(path, tokens, seq_len, lo, hi, chunk=4096):
+    """Blocks lo..hi-1 of a flat token array (a memmap) into one .bin file, `chunk` blocks at a time."""
+    write_bin(path, (tokens[b * seq_len:min(b + chunk, hi) * seq_len] for b in range(lo, hi, chunk)))
+
+
+def write_splits(out_dir, chunks, seq_len, val_fraction):
+    """Stream token chunks into a temporary flat file, then cut it into blocks of seq_len: the last val_fraction
+    of the blocks become val.bin, the rest train.bin (a ragged tail is dropped). -> (n_train, n_val)"""
     fd, stream = tempfile.mkstemp(dir=out_dir, prefix='.tmp-stream-')
     os.close(fd)
     try:
@@ -255,9 +285,8 @@ def write_splits(out_dir, chunks, seq_len, val_fraction, chunk_blocks=4096):
         if n_blocks - n_val < 1:
             raise DataError(f"the text has only {len(tokens)} tokens, too few for a train and a val block of "
                             f"seq_len={seq_len}: use more text or a smaller --seq_len")
-        for split, lo, hi in (('train', 0, n_blocks - n_val), ('val', n_blocks - n_val, n_blocks)):
-            parts = (tokens[b * seq_len:min(b + chunk_blocks, hi) * seq_len] for b in range(lo, hi, chunk_blocks))
-            write_bin(os.path.join(out_dir, f'{split}.bin'), parts)
+        write_blocks(os.path.join(out_dir, 'train.bin'), tokens, seq_len, 0, n_blocks - n_val)
+        write_blocks(os.path.join(out_dir, 'val.bin'), tokens, seq_len, n_blocks - n_val, n_blocks)
         return n_blocks - n_val, n_val
     finally:
         os.remove(stream)
@@ -265,8 +294,8 @@ def write_splits(out_dir, chunks, seq_len, val_fraction, chunk_blocks=4096):
 
 def prepare_synthetic(out_dir, num_train=200_000, num_val=2_000, seed=0, language_seed=0, **language_kwargs):
     """Sample the benchmark language; seq_len is the language's L. `seed` seeds the samples, `language_seed`
-    the language's tables; the train and val generators are seeded separately (seed, seed + 1), so the val
-    set does not change with num_train."""
+    the tables; train and val are drawn from separate generators (seed, seed + 1), so val does not change
+    with num_train."""
     check_vocab_fits(language_kwargs.get('N', 0))
     language = SyntheticLanguage(seed=language_seed, **language_kwargs)
     start_dir(out_dir)
@@ -297,21 +326,23 @@ def prepare_pydoc(out_dir, seq_len=128, val_fraction=0.05):
 
 @functools.lru_cache(maxsize=1)
 def gpt2_encoding():
+    """GPT-2's BPE: tiktoken's r50k_base, the same ranks, split pattern and <|endoftext|> = 50256 as its `gpt2`
+    encoding, read from one file (r50k_base.tiktoken) where `gpt2` needs two."""
     try:
         import tiktoken
     except ImportError:
         raise DataError("tiktoken is not installed: pip install tiktoken, or use --dataset pydoc") from None
     try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:  # no network: requests' ConnectionError, or a broken cache
-        raise DataError(f"could not load tiktoken's GPT-2 BPE files (no network? {type(e).__name__}): put them "
-                        f"in a folder and set TIKTOKEN_CACHE_DIR, or use --dataset pydoc") from e
+        return tiktoken.get_encoding('r50k_base')
+    except Exception as e:  # no network (a ConnectionError), or a cached file whose SHA-256 is wrong
+        raise DataError(f"tiktoken could not load GPT-2's BPE ({type(e).__name__}; no network?): copy "
+                        f"r50k_base.tiktoken (from {R50K_URL}) into a folder as {R50K_CACHE_NAME} and set "
+                        f"TIKTOKEN_CACHE_DIR to that folder, or use --dataset pydoc") from e
 
 
 def prepare_text(out_dir, files, seq_len=None, val_fraction=0.05, tokenizer='gpt2'):
-    """Your text files, streamed file by file (files: list or 'a,b'): GPT-2 tokens with EOS after each file
-    (tokenizer 'gpt2', seq_len 1024 by default), or their UTF-8 bytes (tokenizer 'bytes', vocab 256, seq_len 128 by
-    default, no download needed)."""
+    """Your text files (a list or 'a,b'), streamed one file at a time: GPT-2 BPE with an EOS after each file
+    (seq_len 1024 by default), or their UTF-8 bytes (tokenizer 'bytes': vocab 256, seq_len 128 by default)."""
     if isinstance(files, str):
         files = [name for name in files.split(',') if name]
     if not files:
@@ -322,26 +353,20 @@ def prepare_text(out_dir, files, seq_len=None, val_fraction=0.05, tokenizer='gpt
     if tokenizer not in ('gpt2', 'bytes'):
         raise DataError(f"--tokenizer is gpt2 or bytes, not {tokenizer!r}")
     if tokenizer == 'bytes':
-        seq_len = seq_len or 128
-        start_dir(out_dir)
-        chunks = (np.fromfile(name, dtype=np.uint8) for name in files)
-        n_train, n_val = write_splits(out_dir, chunks, seq_len, val_fraction)
-        write_meta(out_dir, dict(vocab_size=256, seq_len=seq_len, tokenizer='bytes', dataset='text', eos_id=None,
-                                 files=[os.path.abspath(n) for n in files], n_train=n_train, n_val=n_val))
-        return out_dir
-    seq_len = seq_len or 1024
-    enc = gpt2_encoding()
-    check_vocab_fits(enc.n_vocab)
+        vocab_size, eos_id, seq_len = 256, None, seq_len or 128
+        file_tokens = lambda name: np.fromfile(name, dtype=np.uint8)
+    else:
+        enc = gpt2_encoding()
+        vocab_size, eos_id, seq_len = enc.n_vocab, GPT2_EOS, seq_len or 1024
+        check_vocab_fits(vocab_size)
+
+        def file_tokens(name):
+            with open(name, encoding='utf-8', errors='replace') as f:
+                return np.array(enc.encode_ordinary(f.read()) + [GPT2_EOS])
     start_dir(out_dir)
-
-    def file_tokens(name):  # one file in memory at a time
-        with open(name, encoding='utf-8', errors='replace') as f:
-            return np.array(enc.encode_ordinary(f.read()) + [GPT2_EOS])
-
-    n_train, n_val = write_splits(out_dir, (file_tokens(name) for name in files), seq_len, val_fraction)
-    write_meta(out_dir, dict(vocab_size=enc.n_vocab, seq_len=seq_len, tokenizer='gpt2', dataset='text',
-                             eos_id=GPT2_EOS, files=[os.path.abspath(n) for n in files],
-                             n_train=n_train, n_val=n_val))
+    n_train, n_val = write_splits(out_dir, map(file_tokens, files), seq_len, val_fraction)
+    write_meta(out_dir, dict(vocab_size=vocab_size, seq_len=seq_len, tokenizer=tokenizer, dataset='text',
+                             eos_id=eos_id, files=[os.path.abspath(n) for n in files], n_train=n_train, n_val=n_val))
     return out_dir
 
 
@@ -377,11 +402,10 @@ def read_documents(files, text_field='text'):
     """One document's text at a time: a .jsonl file holds one JSON object per line with the text under
     text_field (the Hugging Face export of OpenWebText); any other file is one document."""
     for name in files:
-        if not name.endswith('.jsonl'):
-            with open(name, encoding='utf-8', errors='replace') as f:
-                yield f.read()
-            continue
         with open(name, encoding='utf-8', errors='replace') as f:
+            if not name.endswith('.jsonl'):
+                yield f.read()
+                continue
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -396,11 +420,8 @@ def count_documents(files):
     """How many documents read_documents will yield (a .jsonl file: its non-blank lines), without tokenising."""
     total = 0
     for name in files:
-        if name.endswith('.jsonl'):
-            with open(name, 'rb') as f:
-                total += sum(1 for line in f if line.strip())
-        else:
-            total += 1
+        with open(name, 'rb') as f:
+            total += sum(1 for line in f if line.strip()) if name.endswith('.jsonl') else 1
     return total
 
 
@@ -416,10 +437,9 @@ def tokenized_documents(docs, enc, threads=8, batch=256):
 
 
 class BlockWriter:
-    """Cut a token stream into blocks of seq_len uint16 ids and append them to an open file. frame: each block
-    is EOS + the next seq_len - 2 tokens + EOS, as the MDLM / Duo OpenWebText loader builds them (wrap=True,
-    GPT-2's BOS being its EOS), so distillation sees the teachers' training distribution. A tail shorter than a
-    block is dropped."""
+    """Cuts a token stream into blocks of seq_len uint16 ids, appended to an open file (a short tail is dropped).
+    frame: each block is EOS + the next seq_len - 2 tokens + EOS, as the MDLM / Duo OpenWebText loader builds them
+    (wrap=True; GPT-2's BOS is its EOS), so distillation sees the teachers' training distribution."""
 
     def __init__(self, f, seq_len, frame=True, eos_id=GPT2_EOS):
         if seq_len < (3 if frame else 1):
@@ -440,57 +460,51 @@ class BlockWriter:
         self.pending, self.blocks = stream[n * self.content:], self.blocks + n
 
 
-def move_tail_to_val(out_dir, n_val, seq_len, chunk_blocks=4096):
-    """The last n_val blocks of train.bin become val.bin; train.bin is cut short in place (meta.json is not
-    written yet, so the directory is still marked incomplete if this is interrupted)."""
+def move_tail_to_val(out_dir, n_val, seq_len):
+    """The last n_val blocks of train.bin become val.bin, and train.bin is cut short in place (meta.json is not
+    written yet, so an interrupted move leaves the directory marked incomplete)."""
     train_path = os.path.join(out_dir, 'train.bin')
     tokens = np.memmap(train_path, dtype=np.uint16, mode='r')
     n_blocks = len(tokens) // seq_len
-    lo = n_blocks - n_val
-    write_bin(os.path.join(out_dir, 'val.bin'),
-              (tokens[b * seq_len:min(b + chunk_blocks, n_blocks) * seq_len] for b in range(lo, n_blocks, chunk_blocks)))
+    write_blocks(os.path.join(out_dir, 'val.bin'), tokens, seq_len, n_blocks - n_val, n_blocks)
     del tokens
-    os.truncate(train_path, lo * seq_len * 2)
+    os.truncate(train_path, (n_blocks - n_val) * seq_len * 2)
 
 
 def prepare_owt(out_dir, files, seq_len=1024, val_docs=0, val_fraction=0.05, frame=True, threads=8,
                 text_field='text'):
-    """An OpenWebText-style corpus in this project's format, streamed: GPT-2 BPE through tiktoken, EOS after
-    every document, blocks of seq_len (framed by EOS, see BlockWriter). val_docs > 0: the last val_docs
-    documents are the validation split (the papers hold out OpenWebText's last 100k), their blocks cut apart from
-    the training stream; val_docs = 0: the last val_fraction of the blocks. Memory stays O(one batch of
-    documents) whatever the corpus size; a progress bar counts documents."""
+    """An OpenWebText-style corpus, streamed: GPT-2 BPE, an EOS after every document, blocks of seq_len framed by
+    EOS (BlockWriter). val_docs > 0: the last val_docs documents are the validation split, in blocks of their own
+    (the papers hold out OpenWebText's last 100k); val_docs = 0: the last val_fraction of the blocks. Memory stays
+    one batch of documents whatever the corpus size; a progress bar counts documents."""
     files = document_files(files)
     enc = gpt2_encoding()
     check_vocab_fits(enc.n_vocab)
-    n_docs = count_documents(files) if val_docs > 0 else None
-    if n_docs is not None and n_docs <= val_docs:
+    held_out = val_docs > 0
+    n_docs = count_documents(files) if held_out else None
+    if held_out and n_docs <= val_docs:
         raise DataError(f"the corpus has {n_docs} documents, not more than --val_docs {val_docs}: hold out fewer "
                         f"documents or add more text")
-    first_val = n_docs - val_docs if n_docs is not None else None
     start_dir(out_dir)
-    docs = read_documents(files, text_field)
-    bar = tqdm(tokenized_documents(docs, enc, threads), total=n_docs, unit='doc', desc='tokenize',
-               dynamic_ncols=True, mininterval=2)
+    bar = tqdm(tokenized_documents(read_documents(files, text_field), enc, threads), total=n_docs, unit='doc',
+               desc='tokenize', dynamic_ncols=True, mininterval=2)
     with ExitStack() as stack:
-        train_f = stack.enter_context(atomic_open(os.path.join(out_dir, 'train.bin')))
-        val_f = stack.enter_context(atomic_open(os.path.join(out_dir, 'val.bin'))) if first_val is not None else None
-        train, val = BlockWriter(train_f, seq_len, frame), BlockWriter(val_f, seq_len, frame) if val_f else None
+        split = lambda name: BlockWriter(stack.enter_context(atomic_open(os.path.join(out_dir, name))), seq_len, frame)
+        train, val = split('train.bin'), split('val.bin') if held_out else None
         count, tokens = 0, 0
         for count, ids in enumerate(bar, 1):
-            (val if first_val is not None and count > first_val else train).add(ids + [GPT2_EOS])
+            (val if held_out and count > n_docs - val_docs else train).add(ids + [GPT2_EOS])
             tokens += len(ids) + 1
             if count % 4096 == 0:
                 bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", refresh=False)
         bar.close()
-        n_train, n_val = train.blocks, val.blocks if val else 0
-        if val is None:
-            n_val = max(1, round(n_train * val_fraction))
-            n_train -= n_val
+        n_train = train.blocks
+        n_val = val.blocks if held_out else max(1, round(n_train * val_fraction))
+        n_train -= 0 if held_out else n_val
         if n_train < 1 or n_val < 1:
             raise DataError(f"the corpus gives {n_train} train and {n_val} val blocks of seq_len={seq_len}: use more "
                             f"text, fewer --val_docs or a smaller --seq_len")
-    if val is None:
+    if not held_out:
         move_tail_to_val(out_dir, n_val, seq_len)
     write_meta(out_dir, dict(vocab_size=enc.n_vocab, seq_len=seq_len, tokenizer='gpt2', dataset='owt',
                              eos_id=GPT2_EOS, framed=frame, n_docs=count, val_docs=val_docs, n_files=len(files),
@@ -499,8 +513,7 @@ def prepare_owt(out_dir, files, seq_len=1024, val_docs=0, val_fraction=0.05, fra
 
 
 def prepare(dataset, out_dir=None, **kw):
-    """Dispatch used by scripts: dataset in {'synthetic', 'pydoc', 'text', 'owt'}; out_dir defaults to
-    data/<dataset>."""
+    """dataset: 'synthetic', 'pydoc', 'text' or 'owt', written to out_dir (default data/<dataset>)."""
     makers = dict(synthetic=prepare_synthetic, pydoc=prepare_pydoc, text=prepare_text, owt=prepare_owt)
     if dataset not in makers:
         raise DataError(f"unknown dataset '{dataset}': choose one of {', '.join(makers)}")
@@ -625,33 +638,27 @@ def load_data(path):
 # -----------------------------------------------------------------------------
 # Command line
 
+OPTIONS = dict(synthetic=('num_train', 'num_val', 'seed', 'language_seed', 'N', 'L', 'K', 'successors', 'floor',
+                          'concentration'),
+               pydoc=('seq_len', 'val_fraction'),
+               text=('files', 'seq_len', 'val_fraction', 'tokenizer'),
+               owt=('files', 'seq_len', 'val_fraction', 'val_docs', 'frame', 'threads', 'text_field'))
+
+
 def main(argv=None):
-    from common import configure, UserError
-    defaults = dict(dataset='synthetic', out='', files='', seq_len=0, val_fraction=0.05,
-                    num_train=200_000, num_val=2_000, seed=0, language_seed=0,
+    defaults = dict(dataset='synthetic', out='', files='', seq_len=0, val_fraction=0.05,   # seq_len 0: the default
+                    num_train=200_000, num_val=2_000, seed=0, language_seed=0,           # --dataset synthetic
                     N=64, L=64, K=4, successors=4, floor=0.01, concentration=1.0,
-                    val_docs=0, frame=True, threads=8, text_field='text',   # these four: --dataset owt
-                    tokenizer='gpt2')                                      # --dataset text: gpt2 | bytes
+                    val_docs=0, frame=True, threads=8, text_field='text',                # --dataset owt
+                    tokenizer='gpt2')                                                    # --dataset text: or bytes
     try:
         cfg = configure(defaults, argv)
-        if cfg['dataset'] == 'synthetic':
-            kw = {k: cfg[k] for k in ('num_train', 'num_val', 'seed', 'language_seed',
-                                      'N', 'L', 'K', 'successors', 'floor', 'concentration')}
-        else:
-            kw = dict(val_fraction=cfg['val_fraction'])
-            if cfg['seq_len']:
-                kw['seq_len'] = cfg['seq_len']
-            if cfg['dataset'] in ('text', 'owt'):
-                kw['files'] = cfg['files']
-            if cfg['dataset'] == 'text':
-                kw['tokenizer'] = cfg['tokenizer']
-            if cfg['dataset'] == 'owt':
-                kw.update({k: cfg[k] for k in ('val_docs', 'frame', 'threads', 'text_field')})
+        kw = {k: cfg[k] for k in OPTIONS.get(cfg['dataset'], ()) if k != 'seq_len' or cfg['seq_len']}
         out = prepare(cfg['dataset'], cfg['out'] or None, **kw)
         d = load_data(out)  # read back what was written: the same checks every script will make
         print(f"wrote {out}: {len(d.train)} train and {len(d.val)} val sequences of {d.seq_len} tokens, "
               f"vocab {d.vocab_size} ({d.meta['tokenizer']})")
-    except (DataError, UserError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,40 +1,34 @@
 """
-Round-based step distillation, the baseline both papers compare against: the student learns to do in one step what
-its teacher does in two; after each round the raw student becomes the teacher and the step doubles.
+Round-based step distillation (SDTT, Duo's DCD), the baseline that IDLM and DiDi-Instruct compare against.
+The student learns to do in one step what its teacher does in two; after each round the student becomes the teacher
+and the step doubles.
 
     python distill_sdtt.py --teacher mdlm                  # SDTT (Deschenaux & Gulcehre 2024) on an MDLM teacher
     python distill_sdtt.py --teacher duo                   # Duo's DCD (discrete consistency distillation)
     torchrun --standalone --nproc_per_node=2 distill_sdtt.py --teacher mdlm --grad_accum 2 --batch_size 32
-    python distill_sdtt.py --teacher mdlm --teacher_ckpt exact    # round 1 from the exact denoiser
+    python distill_sdtt.py --teacher mdlm --teacher_ckpt exact    # round 0 from the exact denoiser
     python distill_idlm.py --teacher duo --teacher_ckpt out/dcd-duo-synthetic      # then IDLM-DCD (IDLM's best row)
 
-Rounds. Round r (r = 0, 1, ...) has a teacher that samples in K_r = start_steps / 2^r steps, so dt = 1 / K_r, and
-trains the student to sample in K_r / 2; rounds run until the student's budget is min_steps, with max_iters split
-evenly among them. At a round's end the student (its EMA) is saved as round<r>.pt, a checkpoint that samples and can
-be distilled further like any teacher, and the RAW student weights become the teacher (SDTT's default: no EMA, no
-optimizer reset). Student and teacher start as copies of the teacher checkpoint (or of --init).
+Rounds (SDTT §3, Duo §4). Student and teacher start as copies of the teacher checkpoint (or of --init). Round r
+has a teacher that samples in K_r = start_steps / 2^r steps (dt = 1 / K_r) and trains the student to sample in
+K_r / 2, down to min_steps. At a round's end the EMA student is saved as round<r>.pt (it samples, and can be distilled
+further) and the RAW student weights become the teacher; the optimizer runs on.
 
-SDTT (--teacher mdlm; the public code's multi_round_sdtt.py). From x_t, t ~ U(0, 1], the teacher takes two MDLM
-ancestral steps t -> t - dt -> t - 2 dt (sample.mdlm_step, clamped at 0). Each position masked in x_t gets as target
-the teacher's x0 log-probabilities of the step that unmasked it: the first step's prediction if it unmasked in step
-1, else the second step's (also for positions still masked after both, as SDTT does). The student makes one forward
-at x_t and matches the targets at the positions masked in x_t:
-    kl_bwd  KL(student || target), the default;  kl_fwd  KL(target || student);
-    mse     mean squared error of the probabilities;  tvd  total variation of the probabilities.
-(SDTT's own mse and tvd act on log-probabilities; on probabilities they stay finite at tokens of mass ~0.)
-Per position the targets carry the teacher's two-step distribution exactly: tests/test_sdtt.py enumerates it.
+SDTT (SDTT §3, --teacher mdlm). From x_t, t ~ U(0, 1], the teacher takes two MDLM ancestral steps t -> t - dt ->
+t - 2 dt. Each position masked in x_t gets as target the teacher's x0 log-probabilities of the step that unmasked it
+(the second step's where neither did); the student makes one forward at x_t and matches the targets at the masked
+positions with one of SDTT's divergences (--loss). The targets carry the teacher's two-step distribution exactly
+(tests/test_sdtt.py enumerates it).
 
-DCD (--teacher duo; Duo's algo.py::Distillation). t ~ U(0, 1] is moved to t + dt (clamped at 1) and s = t - dt. x_t
-and x_s come from the SAME Gaussian noise eps, w_t = a_t x0 + s_t eps and w_s = a_s x0 + s_s eps, each turned into
-tokens by argmax (processes.duo_latent); the student sees x_t, the teacher x_s, and the loss is the KL between their
-x0 distributions over every position (kl_bwd by default). So the student at t learns to predict what the teacher
-predicts a step dt later on the same noise path: a consistency target. Duo students are evaluated with and without
-the greedy tail, as the papers report both.
+DCD (Duo §4, --teacher duo). t ~ U(0, 1] moves to t + dt, and s = t - dt. x_t and x_s are the argmax tokens of
+a_t x0 + s_t eps and a_s x0 + s_s eps with the SAME Gaussian noise eps, and the student at x_t matches the teacher's
+x0 distribution at x_s at every position: what the teacher predicts a step later on the same noise path.
 
-Logged every log_every iterations: the loss, the gradient norm and the round. The EMA student is evaluated at the end
-of every round (or every eval_interval iterations) on eval_streams noise streams (eval.py), and the final table
-(results.md) sets it against the teacher at --teacher_steps and against the teacher tempered to its entropy
-(--eval_temperatures); history.png plots the evaluations.
+Where this differs from the papers, and why. Both methods share one round schedule sized for a CPU run: max_iters
+split evenly over the rounds (the papers: 10k steps a round, SDTT from 1024 steps, DCD from 512), a short warm-up,
+EMA 0.99 and SDTT's lr. mse and tvd compare probabilities, not SDTT's log-probabilities, so they stay finite at tokens
+of mass ~0. On synthetic data round 0 may distill the exact denoiser. Duo students are also evaluated with the greedy
+tail, as Duo reports both. The measurements: RESULTS.md, "SDTT and DCD: the round-based baselines".
 """
 
 import copy
@@ -44,7 +38,6 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -53,55 +46,49 @@ import common
 import eval as evaluation
 import train
 from common import UserError
-from data import ensure_data, load_data
-from model import DiT, DiTConfig
 from processes import alpha_loglinear, duo_latent, sample_time
 from sample import mdlm_step
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value; a positional argument is a config file of `key = value` lines)
 teacher = 'mdlm'          # mdlm (SDTT) | duo (DCD)
-teacher_ckpt = ''         # default: out/<teacher>-<data folder name>/ckpt.pt, trained first if absent on 'synthetic';
-                          # an official checkpoint, or 'exact' (MDLM on synthetic data: the exact denoiser is the
-                          # teacher of round 1)
-init = ''                 # the network the student is copied from; default: the teacher (with 'exact': the trained
-                          # default teacher)
+teacher_ckpt = ''         # '' = out/<teacher>-<data>/ckpt.pt (trained first on synthetic), an official one, or 'exact'
+init = ''                 # the network the student starts from; '' = the teacher's (with 'exact': the default teacher)
 data = 'synthetic'
-out_dir = ''              # default: out/sdtt-mdlm-<data folder name> or out/dcd-duo-<data folder name>
+out_dir = ''              # '' = out/sdtt-mdlm-<data> or out/dcd-duo-<data>
 start_steps = 1024        # the first round's teacher samples in this many steps (dt = 1/start_steps), as SDTT
 min_steps = 4             # the last round's student samples in this many steps
 batch_size = 64           # sequences per micro-batch per process
 grad_accum = 1            # micro-batches per iteration in total; must be divisible by the number of processes
 max_iters = 1600          # over all rounds
-round_iters = 0           # iterations per round; 0: max_iters split evenly among the rounds (the last round takes any
-                          # remainder; a run may also stop before its last round)
-lr = 3e-4                 # SDTT's config (3e-4); DCD uses 6e-5 for 169M models
+round_iters = 0           # iterations per round; 0 = max_iters split evenly (the last round takes the remainder)
+lr = 3e-4                 # SDTT's; DCD uses 6e-5 at 169M
 warmup_iters = 20         # linear warm-up at the start of the run only, then constant
 beta2 = 0.999
 weight_decay = 0.0
-grad_clip = 1.0           # DCD's; 0: off
-loss = 'kl_bwd'           # kl_bwd | kl_fwd | mse | tvd
-ema = 0.99                # EMA of the student: evaluated and saved as 'ema'; the raw student becomes the next teacher
-eval_interval = 0         # 0: evaluate the EMA student at the end of every round; N: every N iterations
+grad_clip = 1.0           # DCD's; 0 = off
+loss = 'kl_bwd'           # SDTT's divergences: kl_bwd | kl_fwd | mse | tvd
+ema = 0.99                # EMA of the student, evaluated and saved as 'ema'; the raw student becomes the next teacher
+eval_interval = 0         # 0 = evaluate the EMA student at the end of every round; N = every N iterations
 eval_steps = '4,8,16,32'  # K-step budgets
 teacher_steps = '1024'    # extra budgets for the teacher in the final table: the many-step reference
-eval_temperatures = '0.8,0.7'  # the teacher also sampled from x0_hat^(1/T) at eval_steps: under each verdict, a line
-                          # against the teacher tempered to the student's entropy ('': none; README)
+eval_temperatures = '0.8,0.7'  # the teacher also sampled from x0_hat^(1/T), to meet the student's entropy; '' = none
 eval_samples = 256        # sequences per budget and noise stream; 0 skips evaluation and the final table
 eval_streams = 3          # noise streams per evaluation: each cell is their mean +- sd (eval.py)
-eval_batch_size = 64      # sequences generated at once in every evaluation: eval.py's default, so a run's rows are
-                          # the rows eval.py prints for the same checkpoint and seed (the draws depend on it)
+eval_batch_size = 64      # sequences generated at once: eval.py's, so a run's rows are eval.py's for the same seed
 entropy_tolerance = 0.02  # verdicts: a student may lose this fraction of its teacher's entropy
 judge = ''                # an AR checkpoint (train.py --teacher ar) for judge GenPPL; '' = none
 ckpt_interval = 200
 log_every = 50
 seed = 0
 device = 'auto'
+dist_timeout = 120        # minutes a process waits at a collective, e.g. while rank 0 evaluates alone
 resume = False
 # ----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
-KINDS = ('mdlm', 'duo')
+METHODS = {'mdlm': 'sdtt', 'duo': 'dcd'}   # teacher kind -> method
+KINDS = tuple(METHODS)
 LOSSES = ('kl_bwd', 'kl_fwd', 'mse', 'tvd')
 FLAGS = '--lr'
 
@@ -134,7 +121,7 @@ def round_end(r, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SDTT: the teacher's two ancestral steps and the targets they leave (MDLM)
+# SDTT: the teacher's two ancestral steps and the targets they leave (MDLM; SDTT §3)
 
 def collect_targets(x_t, x_mid, log_p1, log_p2, mask_id):
     """Each position gets the teacher's x0 log-probabilities of the step that unmasked it: log_p1 (predicted at x_t)
@@ -147,7 +134,8 @@ def collect_targets(x_t, x_mid, log_p1, log_p2, mask_id):
 def two_step_targets(teacher, x_t, t, dt, generator):
     """The teacher's two ancestral steps t -> t - dt -> t - 2 dt from x_t (B, L), t (B,) float64, clamped at 0.
     -> (targets (B, L, V) log-probs, x after two steps)"""
-    mask_id = teacher_mask_id(teacher, x_t)
+    config = getattr(teacher, 'config', None)          # a DiT, or the exact denoiser (mask id N)
+    mask_id = config.mask_id if config is not None else teacher.N
     alpha = lambda s: alpha_loglinear(s.clamp_min(0.0))[:, None]                 # (B, 1) float64
     times = [t, t - dt, t - 2 * dt]
     log_p1 = teacher(x_t, sigma_of(times[0]))
@@ -155,11 +143,6 @@ def two_step_targets(teacher, x_t, t, dt, generator):
     log_p2 = teacher(x_mid, sigma_of(times[1]))
     x_end = mdlm_step(log_p2, x_mid, alpha(times[2]), alpha(times[1]), generator)
     return collect_targets(x_t, x_mid, log_p1.float(), log_p2.float(), mask_id), x_end
-
-
-def teacher_mask_id(teacher, x_t):
-    config = getattr(teacher, 'config', None)
-    return config.mask_id if config is not None else teacher.N
 
 
 def sigma_of(t):
@@ -175,9 +158,7 @@ def divergence(student, target, kind):
         return (p * (student - target)).sum(-1)
     if kind == 'kl_fwd':
         return (q * (target - student)).sum(-1)
-    if kind == 'mse':
-        return ((p - q) ** 2).sum(-1)
-    return 0.5 * (p - q).abs().sum(-1)
+    return ((p - q) ** 2).sum(-1) if kind == 'mse' else 0.5 * (p - q).abs().sum(-1)    # tvd
 
 
 def sdtt_loss(student, teacher, objective, x0, dt, generator, kind):
@@ -192,7 +173,7 @@ def sdtt_loss(student, teacher, objective, x0, dt, generator, kind):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DCD: pairs on one Gaussian noise path (Duo)
+# DCD: pairs on one Gaussian noise path (Duo §4)
 
 def dcd_pair(objective, x0, t, s, generator):
     """x_t and x_s (B, L) from the SAME eps: argmax(a_t x0 + s_t eps) and argmax(a_s x0 + s_s eps) (IDLM eq. 22),
@@ -200,9 +181,9 @@ def dcd_pair(objective, x0, t, s, generator):
     onehot = F.one_hot(x0, objective.N).float()
     eps = torch.randn(onehot.shape, generator=generator, device=x0.device)
     out = []
-    for time in (t, s):
-        gamma = objective.gamma(time)[:, None].float()                                 # (B, 1)
-        out += [duo_latent(onehot, gamma, eps).argmax(-1), -torch.log(objective.alpha(time)).float()]
+    for u in (t, s):
+        gamma = objective.gamma(u)[:, None].float()                                    # (B, 1)
+        out += [duo_latent(onehot, gamma, eps).argmax(-1), -torch.log(objective.alpha(u)).float()]
     return tuple(out)
 
 
@@ -217,7 +198,7 @@ def dcd_loss(student, teacher, objective, x0, dt, generator, kind):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Setup and checkpoints
+# Setup, checkpoints, evaluation
 
 def check_config(cfg, world):
     evaluation.parse_temperatures(cfg['eval_temperatures'], '--eval_temperatures')   # before any teacher trains
@@ -241,30 +222,32 @@ def make_state(student, cfg):
             'optimizer': torch.optim.AdamW(student.parameters(), cfg['lr'], betas, weight_decay=cfg['weight_decay'])}
 
 
-def save(path, state, teacher, cfg, dataset, done, history, kind='student'):
+def save(path, state, teacher, cfg, dataset, done, history):
     """A resumable checkpoint; the current teacher's weights travel with it (None while it is the exact denoiser),
     so a resume inside a later round continues from the same teacher."""
     student = common.unwrap(state['student'])
     common.save_checkpoint(path, {
-        'kind': kind, 'method': 'sdtt' if cfg['teacher'] == 'mdlm' else 'dcd', 'teacher': cfg['teacher'],
-        'config': cfg, 'model_config': asdict(student.config), 'model': student.state_dict(),
-        'ema': state['ema'].state_dict(), 'optimizer': state['optimizer'].state_dict(),
+        'kind': 'student', 'method': METHODS[cfg['teacher']], 'teacher': cfg['teacher'], 'config': cfg,
+        'model_config': asdict(student.config), 'model': student.state_dict(), 'ema': state['ema'].state_dict(),
+        'optimizer': state['optimizer'].state_dict(), 'round': round_of(done - 1, cfg), 'iter': done,
         'teacher_model': teacher.state_dict() if isinstance(teacher, torch.nn.Module) else None,
-        'round': round_of(done - 1, cfg), 'iter': done, 'rng': common.rng_state(), 'history': history,
-        'data_meta': dataset.meta,
-    })
+        'rng': common.rng_state(), 'history': history, 'data_meta': dataset.meta})
 
 
-def resume_from(path, cfg, state):
+def resume_from(path, cfg, state, original, rank):
+    """Restores the student, its EMA, the optimizer and the RNG. -> (iteration, history, the current teacher)"""
     ckpt = common.load_checkpoint(path)
-    method = 'sdtt' if cfg['teacher'] == 'mdlm' else 'dcd'
+    method = METHODS[cfg['teacher']]
     if ckpt.get('method') != method:
         raise UserError(f"{path} is not a {method.upper()} run of a {cfg['teacher']} teacher; pass another --out_dir")
     state['student'].load_state_dict(ckpt['model'])
     state['optimizer'].load_state_dict(ckpt['optimizer'])
     state['ema'].load_state_dict(ckpt['ema'])
-    common.set_rng_state(ckpt['rng'])
-    return ckpt['iter'], ckpt['history'], ckpt['teacher_model']
+    common.set_rng_state(ckpt['rng'], rank)
+    if rank == 0:
+        print(f"resuming {path} at iteration {ckpt['iter']} (round {round_of(ckpt['iter'], cfg)})")
+    weights = ckpt['teacher_model']
+    return ckpt['iter'], ckpt['history'], original if weights is None else network_teacher(state['student'], weights)
 
 
 def network_teacher(student, weights=None):
@@ -275,46 +258,42 @@ def network_teacher(student, weights=None):
     return teacher
 
 
+def final_table(evaluator, teacher, state, cfg, out_dir, history):
+    """results.md: the EMA student against its teacher (Duo: with and without the greedy tail)."""
+    label = f"{METHODS[cfg['teacher']].upper()} student @{cfg['max_iters']} (EMA)"
+    tails = (False, True) if cfg['teacher'] == 'duo' else (False,)
+    evaluator.final(teacher, [(label, state['ema'].averaged_copy(state['student']), None)], out_dir, history, tails)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
 def distill(cfg):
     """Distill with config dict cfg (DEFAULTS overridden). Returns the student checkpoint's path."""
-    rank, world, device = common.setup_distributed(cfg['device'])
+    rank, world, device = common.setup_distributed(cfg['device'], cfg['dist_timeout'])
     check_config(cfg, world)
     master = rank == 0
-    if master:
-        ensure_data(cfg['data'])  # prepares 'synthetic' or 'pydoc' on first use, once
-    if world > 1:
-        dist.barrier()
-    dataset = load_data(ensure_data(cfg['data']))
-    method = 'sdtt' if cfg['teacher'] == 'mdlm' else 'dcd'
+    dataset = train.open_data(cfg['data'], rank, world)
+    method = METHODS[cfg['teacher']]
     out_dir = cfg['out_dir'] or os.path.join('out', f"{method}-{cfg['teacher']}-{common.folder_name(cfg['data'])}")
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
     original, net, teacher_ckpt = train.load_teacher(cfg['teacher_ckpt'], cfg['teacher'], dataset, cfg['data'],
                                                      cfg['device'], cfg['init'], KINDS)
-    teacher_cfg = train.stored_config(teacher_ckpt['config'])
-    cfg = {**cfg, **{k: teacher_cfg[k] for k in ('duo_gamma_min', 'duo_gamma_max', 'duo_spacing')}}
+    cfg = {**cfg, **train.duo_schedule(teacher_ckpt)}   # saved with the student: sample.py rebuilds Duo's alpha(t)
     objective = train.teacher_objective({**train.DEFAULTS, **cfg}, dataset.vocab_size)
-    schedule = objective if cfg['teacher'] == 'duo' else 'loglinear'
     loss_fn = sdtt_loss if cfg['teacher'] == 'mdlm' else dcd_loss
     original = original.to(device) if isinstance(original, torch.nn.Module) else original
     torch.manual_seed(cfg['seed'] + rank)  # only dropout draws from the global RNG; the data noise is seeded per step
     student = copy.deepcopy(net).to(device).train().requires_grad_(True)
     state = make_state(student, cfg)
     start, history, teacher = 0, {'train': [], 'eval': []}, original
-    if cfg['resume'] and os.path.exists(ckpt_path):
-        start, history, weights = resume_from(ckpt_path, cfg, state)
-        teacher = original if weights is None else network_teacher(student, weights)
-        if master:
-            print(f"resuming {ckpt_path} at iteration {start} (round {round_of(start, cfg)})")
+    if common.resume_point(ckpt_path, cfg['resume'], rank, world, device):
+        start, history, teacher = resume_from(ckpt_path, cfg, state, original, rank)
     if world > 1:
         state['student'] = DDP(student)
-    judge = evaluation.load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
-    bench = evaluation.Bench(dataset, judge, cfg['eval_samples'], cfg['eval_batch_size'], cfg['seed'], device)
-    evaluator = evaluation.Evaluator(bench, cfg, cfg['teacher'], schedule)
-    evaluate = cfg['eval_samples'] > 0 and bool(evaluator.steps())
+    schedule = objective if cfg['teacher'] == 'duo' else 'loglinear'
+    evaluator = evaluation.make_evaluator(cfg, dataset, cfg['teacher'], device, schedule)
 
     if master:
         print(f"{method.upper()}: teacher {cfg['teacher_ckpt'] or 'default'}, {net.num_params() / 1e6:.2f}M "
@@ -334,32 +313,27 @@ def distill(cfg):
         stats = common.all_reduce_mean(common.accumulate(state['student'], batches, fn, local, device), world)
         common.check_finite(stats, method.upper(), it, ckpt_path, FLAGS)
         lr = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'])
-        norm = common.update(state['student'], state['optimizer'], lr, cfg['grad_clip'])
+        window.append([stats[0].item(), common.update(state['student'], state['optimizer'], lr, cfg['grad_clip'])])
         state['ema'].update(state['student'])
-        window.append([stats[0].item(), norm])
         done = it + 1
         if done == cfg['max_iters'] or common.every(done, cfg['log_every']):
-            loss, gnorm = torch.tensor(window, dtype=torch.float64).mean(0).tolist()
+            loss, gnorm = torch.tensor(window, dtype=torch.float64).mean(0).tolist()   # since the last log line
+            window = []
             history['train'].append({'iter': done, 'round': r, 'dt': dt, 'loss': loss, 'grad_norm': gnorm,
                                      'minutes': (time.time() - t0) / 60})
-            window = []
             bar.set_postfix(round=r, steps=int(round(0.5 / dt)), loss=f"{loss:.4f}", gnorm=f"{gnorm:.2f}")
         end_of_round = done == round_end(r, cfg)
         if master and end_of_round:
             save(os.path.join(out_dir, f"round{r}.pt"), state, teacher, cfg, dataset, done, history)
         periodic = end_of_round if cfg['eval_interval'] == 0 else common.every(done, cfg['eval_interval'])
-        if evaluate and master and (periodic or done == cfg['max_iters']):
+        if evaluator and master and (periodic or done == cfg['max_iters']):
             evaluator.periodic(history, done, {'EMA': (state['ema'].averaged_copy(state['student']), None)})
         if master and (done == cfg['max_iters'] or common.every(done, cfg['ckpt_interval'])):
             save(ckpt_path, state, teacher, cfg, dataset, done, history)
             common.save_history(out_dir, history)
     bar.close()
-    if master:
-        if evaluate:
-            label = f"{method.upper()} student @{cfg['max_iters']} (EMA)"
-            tails = (False, True) if cfg['teacher'] == 'duo' else (False,)
-            evaluator.final(original, [(label, state['ema'].averaged_copy(state['student']), None)], out_dir,
-                            history, tails)
+    if master and evaluator:
+        final_table(evaluator, original, state, cfg, out_dir, history)
     return ckpt_path
 
 

@@ -16,7 +16,7 @@ snapshot choice and plots, so that their numbers are comparable by construction.
 
 Metrics for a batch of generated sequences x (num_samples, L):
   true GenPPL   exp(mean over sequences of -log p_true(x) / L), on the synthetic language only: exact, no judge.
-                The language's own samples score exp(H), H its entropy rate (reference/benchmark.md).
+                The language's own samples score exp(H), H its entropy rate (data.SyntheticLanguage).
   judge GenPPL  exp(token-weighted mean NLL) under an autoregressive judge (train.py --teacher ar here, or GPT-2
                 from a local Hugging Face folder with --judge gpt2:FOLDER, scored as the papers do: gpt2.py; the
                 papers use GPT-2 Large): the proxy for real text.
@@ -57,12 +57,13 @@ import torch
 from tqdm import tqdm
 
 import common
+import official
+import train
 from common import UserError
-from data import ensure_data, load_data
+from data import ensure_data, exact_denoiser, load_data
 from gpt2 import GPT2Judge, load_gpt2
 from model import ar_log_likelihood
-from official import CheckpointError
-from sample import StudentScores, exact_denoiser, generate, generate_rgas, load_discriminator, load_sampler
+from sample import StudentScores, generate, generate_rgas, load_discriminator, load_sampler
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value)
@@ -135,8 +136,7 @@ def judge_genppl(judge, x, bos_id, batch_size=64):
 def nelbo_perplexity(ckpt_path, dataset, batches, device):
     """exp(validation NELBO per token) of a checkpoint, with train.py's fixed validation batches and noise.
     A SEDD student is scored through the scores its x0 implies (sample.StudentScores), as it is sampled."""
-    import train  # here, not at the top: only this metric needs the training code
-    model, ckpt = common.load_model(ckpt_path)
+    model, ckpt = official.load_model(ckpt_path)
     if ckpt.get('teacher') == 'sedd' and ckpt.get('kind') == 'student':
         model = StudentScores(model)
     cfg = {**train.stored_config(ckpt['config']), 'eval_batches': batches}
@@ -168,9 +168,9 @@ def load_judge(spec, dataset, data_name, device):
                             f"{dataset.meta['tokenizer']!r} tokens; use an AR judge trained on it")
         try:
             return GPT2Judge(load_gpt2(spec[len('gpt2:'):]).to(device))
-        except CheckpointError as e:
+        except official.CheckpointError as e:
             raise UserError(str(e)) from None
-    judge, _ = common.load_model(spec)
+    judge, _ = official.load_model(spec)
     if judge.config.head != 'ar' or judge.config.vocab_size != N + 1:
         raise UserError(f"--judge {spec} is not an AR model over this data's {N} tokens; "
                         f"train one with python train.py --teacher ar --data {data_name}, or pass gpt2:FOLDER")
@@ -556,10 +556,14 @@ class Evaluator:
     def teacher_steps(self):
         return sorted(set(self.steps()) | set(budgets(self.cfg['teacher_steps'], '--teacher_steps')))
 
+    def has_genppl(self):
+        """A GenPPL needs the synthetic language or a judge; without one there is no verdict and no best.pt."""
+        return self.bench.language is not None or self.bench.judge is not None
+
     def temperatures(self):
-        """Without a GenPPL (no language, no judge) there is no verdict to set a tempered row against."""
+        """Without a GenPPL there is no verdict to set a tempered row against."""
         given = parse_temperatures(self.cfg['eval_temperatures'], '--eval_temperatures')
-        return given if self.bench.language is not None or self.bench.judge is not None else []
+        return given if self.has_genppl() else []
 
     def rows(self, label, net, select, steps=None, disc=None, role='student', greedy_tail=False, temperature=1.0):
         return model_rows(self.bench, label, net, self.kind, steps or self.steps(),
@@ -602,6 +606,15 @@ class Evaluator:
         plot_temperature(rows, path, self.cfg['entropy_tolerance'])
         return rows
 
+
+
+def make_evaluator(cfg, dataset, kind, device, schedule='loglinear', rgas=None):
+    """A distiller's Evaluator, from its config (judge, samples, batch, seed), or None when there is nothing to
+    evaluate (--eval_samples 0, or no budgets)."""
+    judge = load_judge(cfg['judge'], dataset, cfg['data'], device) if cfg['judge'] else None
+    bench = Bench(dataset, judge, cfg['eval_samples'], cfg['eval_batch_size'], cfg['seed'], device, rgas)
+    evaluator = Evaluator(bench, cfg, kind, schedule)
+    return evaluator if cfg['eval_samples'] > 0 and evaluator.steps() else None
 
 # ----------------------------------------------------------------------------------------------------------------
 # The command line: a sweep of models, or the comparison of every method

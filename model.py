@@ -156,7 +156,9 @@ class EmbeddingLayer(nn.Module):
     def forward(self, x):
         if x.dtype in (torch.long, torch.int32, torch.int64):
             return self.embedding[x]                       # (B, L, d)
-        return x.to(self.embedding.dtype) @ self.embedding  # (B, L, V) @ (V, d)
+        # (B, L, V) @ (V, d). Under autocast the matmul comes out in bf16: cast it back, so the residual stream is
+        # float32 for probability vectors as it is for token ids
+        return (x.to(self.embedding.dtype) @ self.embedding).to(self.embedding.dtype)
 
 
 class FinalLayer(nn.Module):

@@ -1,7 +1,7 @@
 """
 Official teachers (SEDD, MDLM, Duo) read into model.py's DiT, whatever folder or file they come in.
 
-    model, ckpt = load_official('path/to/mdlm-owt')      # what common.load_model does for a path it did not write
+    model, ckpt = load_official('path/to/mdlm-owt')      # what load_model does for a path it did not write
 
 Layouts (shared/reference/checkpoints-and-eval.md):
   Hugging Face folder   config.json + model.safetensors or pytorch_model.bin (or a sharded *.index.json).
@@ -27,7 +27,7 @@ a uniform model has V = N. The official models all have V = 50258:
 Sampling: MDLM ignores sigma; SEDD is fed sigma_bar; Duo is fed -log alpha_t and samples on the log-linear
 alpha grid (the Duo code's sampler), which ckpt['config']['sampling_schedule'] tells sample.load_sampler.
 
-Every problem is one CheckpointError sentence naming what is wrong and what to do; common.load_model turns it
+Every problem is one CheckpointError sentence naming what is wrong and what to do; load_model turns it
 into a UserError. Pickled files (.ckpt, .pth, .bin) are read without running code from them: torch's weights-only
 loader, or for Lightning's hyper-parameters an unpickler that turns every class it names into an inert stub.
 """
@@ -42,6 +42,7 @@ from dataclasses import asdict
 
 import torch
 
+import common
 from model import DiT, DiTConfig
 
 GPT2_VOCAB = 50257          # GPT-2's tokens; every official teacher adds one id to it
@@ -542,6 +543,35 @@ def load_official(path, which='ema', pad_id='auto', kind=None):
     ckpt = {'kind': 'official', 'teacher': kind, 'layout': layout, 'path': os.path.abspath(path), 'weights': used,
             'config': config, 'model_config': asdict(cfg), 'data_meta': data_meta}
     return model.eval(), ckpt
+
+
+def load_model(path, which='ema', kind=None):
+    """Rebuild a DiT from one of our checkpoints, or from an official SEDD / MDLM / Duo checkpoint in any layout
+    official.py reads (Hugging Face folder, SEDD run folder, Lightning .ckpt). which='ema' takes the averaged
+    weights when the file has them. Returns (model, checkpoint); an official one gets a checkpoint-like dict with
+    the same 'teacher', 'config', 'model_config' and 'data_meta' entries, so every script takes either. kind
+    ('mdlm' | 'duo' | 'sedd') says which model an official file holds when the file itself does not (a Lightning
+    .ckpt without hyper_parameters)."""
+    layout = detect_layout(path)
+    if layout is None and os.path.isdir(path):
+        raise common.UserError(str(unknown_layout(path)))
+    if layout not in (None, 'ours'):
+        try:
+            return load_official(path, which, kind=kind)
+        except CheckpointError as e:
+            raise common.UserError(str(e)) from None
+    ckpt = common.load_checkpoint(path)
+    if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'model' not in ckpt:
+        raise common.UserError(str(unknown_layout(path)))
+    try:
+        model = DiT(DiTConfig(**ckpt['model_config']))
+        weights = ckpt['ema'] if which == 'ema' and ckpt.get('ema') else ckpt['model']
+        model.load_state_dict(weights)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AttributeError) as e:
+        raise common.UserError(f"checkpoint {path} has a model_config or weights that do not make a DiT "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is damaged or was not written by "
+                        f"this project: re-create it") from None
+    return model, ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------

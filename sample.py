@@ -59,7 +59,7 @@ from tqdm import tqdm
 import common
 import official
 from common import UserError
-from data import DataError, TokenData, ensure_data, load_data
+from data import DataError, TokenData, ensure_data, exact_denoiser, load_data
 from losses import DuoObjective  # only for Duo's alpha(t) schedule, stored with the checkpoint
 from model import NEG_INF, Discriminator, DiTConfig, discriminator_reward
 from processes import Absorbing, Uniform, alpha_loglinear, dsigma_bar_loglinear, sigma_bar_loglinear, time_grid
@@ -507,45 +507,7 @@ def load_discriminator(path, N, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# What to sample: a checkpoint, or the synthetic language's exact denoiser
-
-class ExactDenoiser:
-    """The synthetic language's exact posterior (data.SyntheticLanguage.denoise) dressed as a network, in float64.
-
-    mdlm: SUBS log x0_hat (B, L, N + 1) = log p(x_i | z), mask column at NEG_INF. The absorbing posterior does not
-          depend on alpha (a mask is emitted with prob 1 - alpha whatever x is), so sigma is ignored and the
-          sampler may cache (time_conditioned = False). Unmasked positions come out one-hot: SUBS carry-over.
-    sedd: the exact log-score at masked positions, l_y = log p(x_i = y | z) - log expm1(sigma) (processes-and-
-          losses.md: s_y = x0_hat_y / expm1(sigma_bar)); the current token's entry is 0, as in the DiT head.
-    duo:  the uniform process with alpha = exp(-sigma) (UDLM, log-linear). Its x0_hat is p(x_i | z without z_i),
-          NOT p(x_i | z): the plug-in posterior q(z_s | z_t, x0_hat) is the exact reverse step only for this
-          "leave-one-out" posterior (the uniform emission of z_i depends on x_i), and it is also what minimises the
-          UDLM loss. It is p(x_i | z) divided by the own emission alpha [z_i = x] + (1 - alpha)/N, renormalised."""
-
-    def __init__(self, language, kind):
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        self.language, self.kind, self.N = language, kind, language.N
-        self.time_conditioned = kind != 'mdlm'
-
-    def __call__(self, z, sigma):
-        N, sigma = self.N, sigma.to(F64)
-        if self.kind == 'duo':
-            alpha = torch.exp(-sigma)[:, None, None]                                     # (B, 1, 1)
-            post = self.language.denoise(z, 'uniform', alpha[:, 0, 0])                  # (B, L, N)
-            own = alpha * torch.nn.functional.one_hot(z, N).to(F64) + (1 - alpha) / N
-            return torch.log(post / own).log_softmax(-1).clamp_min(NEG_INF)
-        log_post = torch.log(self.language.denoise(z, 'absorbing', 0.5)).clamp_min(NEG_INF)  # any alpha in (0, 1)
-        if self.kind == 'sedd':
-            log_post = log_post - torch.log(torch.expm1(sigma))[:, None, None]
-        out = torch.cat([log_post, torch.full_like(log_post[..., :1], NEG_INF)], dim=-1)  # (B, L, N + 1)
-        return out.scatter(-1, z[..., None], 0.0) if self.kind == 'sedd' else out
-
-
-def exact_denoiser(language, kind):
-    """The exact denoiser of a data.SyntheticLanguage for a sampler kind ('mdlm', 'sedd', 'duo'); see ExactDenoiser."""
-    return ExactDenoiser(language, kind)
-
+# What to sample: a checkpoint, or the synthetic language's exact denoiser (data.exact_denoiser)
 
 def duo_schedule(config, N):
     """The DuoObjective (for its alpha(t)) a Duo checkpoint was trained with; 0.0 / 0.0 means 'chosen for N', and
@@ -576,11 +538,11 @@ class StudentScores(torch.nn.Module):
 
 
 def load_sampler(ckpt_path, device, teacher_kind=None):
-    """A checkpoint (ours, or an official one: common.load_model) as something to sample: (net, kind, N, seq_len,
+    """A checkpoint (ours, or an official one: official.load_model) as something to sample: (net, kind, N, seq_len,
     data meta, schedule), with the EMA weights in eval mode on device. kind is the checkpoint's 'teacher' field
     (students store it too; teacher_kind says it for an official file that does not); schedule is 'loglinear', or
     the DuoObjective whose alpha(t) a Duo model was trained with. A SEDD student comes wrapped in StudentScores."""
-    net, ckpt = common.load_model(ckpt_path, which='ema', kind=teacher_kind or None)
+    net, ckpt = official.load_model(ckpt_path, which='ema', kind=teacher_kind or None)
     kind = ckpt.get('teacher')
     if kind == 'ar':
         raise UserError(f"{ckpt_path} holds an autoregressive model: it is sampled left to right, one token per call, "
@@ -659,7 +621,7 @@ def export(cfg):
     """--export_hf: the checkpoint's EMA weights as an official-layout Hugging Face folder (official.export_hf)."""
     if not cfg['ckpt'] or cfg['ckpt'] == 'exact':
         raise UserError("--export_hf writes a checkpoint's network: pass it with --ckpt (the exact denoiser has none)")
-    net, ckpt = common.load_model(cfg['ckpt'], which='ema', kind=cfg['teacher_kind'] or None)
+    net, ckpt = official.load_model(cfg['ckpt'], which='ema', kind=cfg['teacher_kind'] or None)
     try:
         folder = official.export_hf(net, ckpt, cfg['export_hf'])
     except official.CheckpointError as e:

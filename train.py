@@ -24,8 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
+import official
 from common import UserError
-from data import ensure_data, load_data
+from data import ensure_data, exact_denoiser, load_data
 from losses import make_objective
 from model import PRESETS, ar_log_likelihood, build_model
 from processes import sample_time
@@ -53,6 +54,7 @@ eval_batches = 16         # validation micro-batches (fixed sequences and noise,
 ckpt_interval = 500
 seed = 0
 device = 'auto'
+dist_timeout = 120        # minutes a process waits at a collective, e.g. while rank 0 evaluates alone
 resume = False
 duo_gamma_min = 0.0       # Duo's Gaussian schedule; 0.0 and 0.0 mean "choose for this vocabulary" (losses.py)
 duo_gamma_max = 0.0
@@ -79,6 +81,13 @@ def stored_config(config):
     """A checkpoint's config over today's DEFAULTS. A key added since the checkpoint was written takes the value
     its run used: Duo teachers from before duo_spacing existed (and official ones) were spaced in gamma."""
     return {**DEFAULTS, 'duo_spacing': 'gamma', **config}
+
+
+def duo_schedule(ckpt):
+    """A teacher checkpoint's Duo schedule (its gamma range and spacing): a student saves it in its config, so that
+    sample.py and eval.py rebuild the teacher's alpha(t) for it."""
+    stored = stored_config(ckpt['config'])
+    return {k: stored[k] for k in ('duo_gamma_min', 'duo_gamma_max', 'duo_spacing')}
 
 
 def teacher_model(cfg, N, seq_len, objective):
@@ -131,19 +140,23 @@ def check_config(cfg, world):
     common.check_batch(cfg, world)
 
 
-def train(cfg):
-    """Train a teacher with config dict cfg (DEFAULTS overridden). Returns the checkpoint path."""
-    rank, world, device = common.setup_distributed(cfg['device'])
-    check_config(cfg, world)
-    master = rank == 0
-    if master:
-        ensure_data(cfg['data'])  # prepares 'synthetic' or 'pydoc' on first use, once
+def open_data(data, rank, world):
+    """The --data folder: rank 0 prepares 'synthetic' or 'pydoc' on first use, then every rank loads it."""
+    if rank == 0:
+        ensure_data(data)
     if world > 1:
         torch.distributed.barrier()
-    data_dir = ensure_data(cfg['data'])
-    dataset = load_data(data_dir)
-    N, L = dataset.vocab_size, dataset.seq_len
-    out_dir = cfg['out_dir'] or os.path.join('out', f"{cfg['teacher']}-{os.path.basename(os.path.normpath(data_dir))}")
+    return load_data(ensure_data(data))
+
+
+def train(cfg):
+    """Train a teacher with config dict cfg (DEFAULTS overridden). Returns the checkpoint path."""
+    rank, world, device = common.setup_distributed(cfg['device'], cfg['dist_timeout'])
+    check_config(cfg, world)
+    master = rank == 0
+    dataset = open_data(cfg['data'], rank, world)
+    data_dir, N, L = dataset.path, dataset.vocab_size, dataset.seq_len
+    out_dir = cfg['out_dir'] or os.path.join('out', f"{cfg['teacher']}-{common.folder_name(data_dir)}")
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
     torch.manual_seed(cfg['seed'] + rank)  # only dropout draws from the global RNG; the data noise is seeded per step
@@ -153,8 +166,8 @@ def train(cfg):
                                   weight_decay=cfg['weight_decay'])
     ema = common.EMA(model, cfg['ema'])
     start, history = 0, []
-    if cfg['resume'] and os.path.exists(ckpt_path):
-        start, history = resume_from(ckpt_path, cfg, model, optimizer, ema)
+    if common.resume_point(ckpt_path, cfg['resume'], rank, world, device):
+        start, history = resume_from(ckpt_path, cfg, model, optimizer, ema, rank)
         if master:
             print(f"resuming {ckpt_path} at iteration {start}")
     if world > 1:
@@ -228,7 +241,7 @@ def save(path, cfg, model, optimizer, ema, done, history, dataset):
     })
 
 
-def resume_from(path, cfg, model, optimizer, ema):
+def resume_from(path, cfg, model, optimizer, ema, rank):
     ckpt = common.load_checkpoint(path)
     if ckpt.get('teacher') != cfg['teacher']:
         raise UserError(f"{path} holds a {ckpt.get('teacher')!r} model, not --teacher {cfg['teacher']}; "
@@ -239,7 +252,7 @@ def resume_from(path, cfg, model, optimizer, ema):
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     ema.load_state_dict(ckpt['ema'])
-    common.set_rng_state(ckpt['rng'])
+    common.set_rng_state(ckpt['rng'], rank)
     return ckpt['iter'], ckpt.get('history', [])
 
 
@@ -266,7 +279,7 @@ def ensure_teacher(kind, data, path, device='auto'):
 def load_network(path, kind, dataset, data, flag='--teacher_ckpt', other_kinds=()):
     """A frozen network of this kind (EMA weights, eval mode) and its checkpoint, checked against the data.
     other_kinds: the kinds the script would take with another --teacher (named in the error)."""
-    net, ckpt = common.load_model(path, which='ema')
+    net, ckpt = official.load_model(path, which='ema')
     found = ckpt.get('teacher')
     if found == 'ar':
         raise UserError(f"{path} holds an autoregressive model, which is a judge and cannot be distilled; pass an "
@@ -281,7 +294,7 @@ def load_network(path, kind, dataset, data, flag='--teacher_ckpt', other_kinds=(
 def load_teacher(spec, kind, dataset, data, device='auto', init='', other_kinds=()):
     """The frozen teacher f* of a distiller and the network its student (fake, discriminator) is copied from.
     spec: a checkpoint (ours or official, official.py), '' for default_teacher_path (trained first if absent), or
-    'exact': the synthetic language's exact denoiser (sample.ExactDenoiser, MDLM only), a perfect teacher that
+    'exact': the synthetic language's exact denoiser (data.ExactDenoiser, MDLM only), a perfect teacher that
     separates a method's own error from its teacher's. The exact denoiser has no weights, so the student then starts
     from --init (default: the trained default teacher). Returns (teacher, init network, init checkpoint)."""
     if spec == 'exact':
@@ -289,7 +302,6 @@ def load_teacher(spec, kind, dataset, data, device='auto', init='', other_kinds=
         if kind != 'mdlm' or language is None:
             raise UserError("--teacher_ckpt exact is the synthetic language's exact MDLM denoiser: it needs --teacher "
                             "mdlm and synthetic --data")
-        from sample import exact_denoiser  # only the exact teacher needs the samplers' file
         path = init or ensure_teacher(kind, data, default_teacher_path(kind, data), device)
         net, ckpt = load_network(path, kind, dataset, data, '--init')
         return exact_denoiser(language, kind), net, ckpt

@@ -8,11 +8,13 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 import common
+import official
 import data as data_module
 import distill_idlm as idlm
 import eval as evaluation
@@ -21,6 +23,7 @@ import train
 from common import UserError
 from data import prepare_synthetic
 from losses import DuoObjective, MDLMObjective, Noisy, mdlm_loss
+from model import build_model
 from test_train import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +75,7 @@ def nelbo(f, x0):
 
 
 def idlm_loss_by_code(p_theta, teacher, fake):
-    """IDLM eq. 8 as distill_idlm.idlm_gap computes it (teacher minus fake on ONE noisy sample), summed exactly
+    """IDLM eq. 8 as distill_idlm.token_gaps computes it (teacher minus fake on ONE noisy sample), summed exactly
     over x0 ~ p_theta and every mask set instead of sampled: the per-token mean times L is the sequence sum."""
     total = torch.zeros((), dtype=F64)
     for S in PATTERNS:
@@ -83,7 +86,7 @@ def idlm_loss_by_code(p_theta, teacher, fake):
         for j in range(len(SEQS)):
             noisy = Noisy(input=x_t[j:j + 1], sigma=torch.zeros(1), x_t=x_t[j:j + 1], alpha=alpha[j:j + 1],
                           dalpha=-torch.ones_like(alpha[j:j + 1]))
-            gap = idlm.idlm_gap(teacher, fake, MDLMObjective(N3), SEQS[j:j + 1], noisy)[0]
+            gap = idlm.token_gaps(teacher, fake, MDLMObjective(N3), SEQS[j:j + 1], noisy)[0].mean()
             total += p_theta[j] * gap * L2 / (L2 * math.comb(L2, k))
     return total
 
@@ -131,7 +134,7 @@ def teachers(tmp_path_factory):
 def three_networks(path, perturb=0.0):
     """(teacher, student, fake, objective) as distill_idlm builds them; the fake optionally perturbed, so that
     teacher and fake disagree and the student's gradient is not zero."""
-    teacher, ckpt = common.load_model(path)
+    teacher, ckpt = official.load_model(path)
     teacher.eval().requires_grad_(False)
     student, fake = (copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2))
     with torch.no_grad():
@@ -152,7 +155,7 @@ def test_student_outputs_x0_probabilities(teachers, kind):
     one-hot carry-over where x_t~ is not masked (absorbing), and for SEDD proportional to exp(score) elsewhere."""
     root, data = teachers
     _, student, _, objective = three_networks(root / kind)
-    noisy, _ = idlm.student_input(objective, real_batch(data), gen(0))
+    noisy = idlm.student_input(objective, real_batch(data), gen(0))
     x0 = idlm.student_x0(student, objective, noisy)
     assert x0.shape == (16, 8, 8) and (x0 >= 0).all() and torch.allclose(x0.sum(-1), torch.ones(16, 8))
     if kind == 'duo':
@@ -163,24 +166,6 @@ def test_student_outputs_x0_probabilities(teachers, kind):
     if kind == 'sedd':
         scores = student(noisy.input, noisy.sigma)[~kept][:, :8].exp()           # (M, 8) s_y at masked positions
         assert torch.allclose(x0[~kept], scores / scores.sum(-1, keepdim=True), atol=1e-6)
-
-
-@pytest.mark.parametrize('b', [1.0, 3.0])
-def test_input_beta_draws_the_input_times_from_beta_1_b(b):
-    """--input_beta b: the stratified times are the Beta(1, b) quantiles of the same stratified u (one per bin), so
-    the CDF 1 - (1 - t)^b of the sorted times walks up the bins; b = 1 is U[eps, 1] as before."""
-    objective = MDLMObjective(8)
-    x = torch.zeros(512, 4, dtype=torch.long)
-    _, t = idlm.student_input(objective, x, gen(0), input_beta=b)
-    _, uniform = idlm.student_input(objective, x, gen(0))
-    cdf = 1 - (1 - t.double().sort().values) ** b
-    assert torch.allclose(cdf, uniform.double().sort().values, atol=1e-5)
-    assert abs(t.double().mean().item() - 1 / (1 + b)) < 0.01
-
-
-def test_input_beta_must_be_positive():
-    with pytest.raises(UserError, match='--input_beta'):
-        idlm.check_config({**idlm.DEFAULTS, 'input_beta': 0.0}, 1)
 
 
 # ------------------------------------------------------------------------------------------------ gradients
@@ -207,7 +192,7 @@ def test_absorbing_gradient_flows_through_the_target_only(teachers, kind):
     B, L, N = 16, 8, 8
     x0 = torch.softmax(2 * torch.randn(B, L, N, generator=gen(2)), -1).requires_grad_()
     noisy = objective.corrupt(x0, torch.linspace(0.05, 1, B), gen(3))
-    grad, = torch.autograd.grad(idlm.idlm_gap(teacher, fake, objective, x0, noisy)[0], x0)
+    grad, = torch.autograd.grad(idlm.token_gaps(teacher, fake, objective, x0, noisy)[0].mean(), x0)
     with torch.no_grad():
         diff = (fake(noisy.input, noisy.sigma) - teacher(noisy.input, noisy.sigma))[..., :N]
     if kind == 'mdlm':
@@ -217,7 +202,7 @@ def test_absorbing_gradient_flows_through_the_target_only(teachers, kind):
     masked = (noisy.x_t == N)[..., None]
     expected = torch.where(masked, weight[..., None] * diff, torch.zeros_like(diff)) / (B * L)
     assert 0 < masked.sum() < B * L and (grad[~masked.expand_as(grad)] == 0).all()
-    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-7)   # float32 round-off at a gradient scale of ~0.3
 
 
 def test_duo_gradient_also_flows_through_the_input(teachers):
@@ -230,9 +215,9 @@ def test_duo_gradient_also_flows_through_the_input(teachers):
     x0 = torch.softmax(2 * torch.randn(16, 8, 8, generator=gen(2)), -1).requires_grad_()
     noisy = objective.corrupt(x0, torch.linspace(0.05, 0.95, 16), gen(3))
     assert noisy.input.requires_grad
-    full, = torch.autograd.grad(idlm.idlm_gap(teacher, fake, objective, x0, noisy)[0], x0)
+    full, = torch.autograd.grad(idlm.token_gaps(teacher, fake, objective, x0, noisy)[0].mean(), x0)
     detached = dataclasses.replace(noisy, input=noisy.input.detach())
-    target_only, = torch.autograd.grad(idlm.idlm_gap(teacher, fake, objective, x0, detached)[0], x0)
+    target_only, = torch.autograd.grad(idlm.token_gaps(teacher, fake, objective, x0, detached)[0].mean(), x0)
     assert (full - target_only).abs().max() > 1e-3 * target_only.abs().max()
 
 
@@ -330,7 +315,7 @@ def test_resume_restores_the_dropout_rng(teachers, tmp_path, monkeypatch):
     for key in ('model', 'fake', 'ema'):
         assert all(torch.equal(v, resumed[key][k]) for k, v in whole[key].items()), key
     # the test can fail: the same resume without restoring the RNG state draws other masks and ends elsewhere
-    monkeypatch.setattr(idlm.common, 'set_rng_state', lambda state: None)
+    monkeypatch.setattr(idlm.common, 'set_rng_state', lambda state, rank=0: None)
     idlm.main(args(tmp_path / 'teacher', data, tmp_path / 'blind', max_iters=2))
     idlm.main(args(tmp_path / 'teacher', data, tmp_path / 'blind', resume='true'))
     blind = load(tmp_path / 'blind')['model']
@@ -458,19 +443,38 @@ def test_best_checkpoint_is_kept_and_reported(tmp_path, monkeypatch):
     assert 'IDLM student @2 (EMA, last)' in table and 'IDLM student @1 (EMA, best.pt)' in table
 
 
-def test_the_new_switches_run_with_the_exact_teacher(teachers):
-    """--teacher_ckpt exact (the language's exact denoiser as f*, student and fake from --init), the step objective,
-    the context term, an EMA fake and the fake-tracking diagnostic together: the run finishes, logs fake_lag (the
-    fake's loss on fresh student samples before and after extra updates of a copy), and its checkpoint loads with
-    weights_only=True."""
+def test_the_exact_teacher_runs(teachers):
+    """--teacher_ckpt exact: the language's exact denoiser as f*, student and fake copied from --init. The run
+    finishes and its checkpoint loads with weights_only=True."""
     root, data = teachers
-    out = root / 'switches'
-    idlm.main(args('exact', data, out, init=root / 'mdlm', student_steps=4, context_grad='true', fake_ema=0.9,
-                   track_steps=3, max_iters=2))
-    history = json.load(open(out / 'history.json'))
-    lags = [row['fake_lag'] for row in history['train'] if 'fake_lag' in row]
-    assert lags and all(math.isfinite(v) for v in lags)
-    assert all(row['fake_probe_before'] > 0 and row['fake_probe_after'] > 0 for row in history['train']
-               if 'fake_lag' in row)
+    out = root / 'exact'
+    idlm.main(args('exact', data, out, init=root / 'mdlm', max_iters=2))
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
-    assert ckpt['config']['teacher_ckpt'] == 'exact' and ckpt['config']['student_steps'] == 4
+    assert ckpt['config']['teacher_ckpt'] == 'exact' and ckpt['iter'] == 2
+
+
+def test_eq_11_gap_is_zero_at_initialisation_under_the_official_dropout():
+    """Official teachers bring dropout 0.1. At initialisation the fake IS the teacher, so eq. 11's gap must vanish: the
+    iteration scores the student's sample with the fake in eval mode, like the teacher (with the fake in train mode,
+    as it is while it learns in eq. 10, the gap would be dropout noise, checked here too). The student generates
+    without dropout, so two calls of it on the same input agree."""
+    objective, N, L = MDLMObjective(8), 8, 8
+    teacher = build_model('tiny', vocab_size=N + 1, seq_len=L, mask_id=N, head='subs', dropout=0.1).eval()
+    with torch.no_grad():                    # off adaLN-zero's init, whose outputs dropout could not change
+        for p in teacher.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen(3)))
+    teacher.requires_grad_(False)
+    student, fake = (copy.deepcopy(teacher).eval().requires_grad_(True) for _ in range(2))
+    cfg = {**idlm.DEFAULTS, 'batch_size': 16, 'grad_accum': 1, 'lr': 0.0, 'fake_lr': 0.0, 'warmup_iters': 0}
+    data = types.SimpleNamespace(train=torch.randint(0, N, (64, L), generator=gen(0)).numpy(),
+                                 batch=lambda split, idx: torch.as_tensor(data.train[idx]))
+    state = idlm.make_state(student, fake, cfg)
+    gap, teacher_loss, fake_loss, *_ = idlm.iteration(state, teacher, objective, data, cfg, 0, 0, 1, torch.device('cpu'))
+    assert gap == 0.0 and teacher_loss == fake_loss > 0
+    x = data.batch('train', torch.arange(16))
+    noisy = idlm.student_input(objective, x, gen(1))
+    assert torch.equal(idlm.student_x0(student, objective, noisy), idlm.student_x0(student, objective, noisy))
+    x0 = idlm.student_x0(student, objective, noisy).detach()
+    corrupted = objective.corrupt(x0, torch.full((16,), 0.7), gen(2))
+    fake.train()
+    assert idlm.token_gaps(teacher, fake, objective, x0, corrupted)[0].abs().mean() > 1e-4   # train mode: noise

@@ -2,21 +2,21 @@
 L = 3 positions, the absorbing process with alpha_t = 1 - t, exact denoisers):
 
 1. the gradient the code follows (App. C.1: the soft target only, context tokens drawn from sg(G)) against the exact
-   gradient of eq. 8, and the score-function term (distill_idlm.context_term) that makes up the difference;
+   gradient of eq. 8, and the score-function term for the context tokens (context_term below) that makes up the
+   difference;
 2. why the one-shot student sheds entropy: eq. 8's p_theta is a mixture of one-jump samples from noised REAL
-   sequences, which can equal p* while the K-step sampler built from the same G is collapsed;
-3. the step objective (--student_steps K): one sampler step scored by the teacher's loss on the state it reaches,
-   whose optimum is a K-step sampler close to p* with no entropy lost;
-4. the student's input times (--input_beta): weighting the mixture towards mostly clean inputs reaches an optimum
-   whose sampler keeps more entropy; inputs from the student's own chain (not in the code) shed more.
-5. the teacher anchor (--anchor_weight): eq. 8 plus a forward KL to the teacher's x0 probabilities at the student's
-   input stops descent at the optimum nearest the teacher's marginals, whose sampler keeps the data's entropy;
-   weighted towards mostly masked inputs (--anchor_time linear) it gives a closer 2-step sampler.
+   sequences, which can equal p* while the K-step sampler built from the same G is collapsed; an objective on one
+   sampler step (step_kl below) does not collapse;
+3. which of eq. 8's optima descent reaches depends on how its one-jump components are weighted: inputs weighted to
+   mostly clean sequences keep more of the sampler's entropy, inputs from the student's own chain keep less;
+4. the teacher anchor (--anchor_weight): eq. 8 plus a forward KL to the teacher's x0 probabilities at the student's
+   input stops descent at the optimum nearest the teacher's marginals, whose sampler keeps the data's entropy.
 
-The student is a table: for every input state z (4^3 = 64) its logits (L, N); SUBS carry-over where z is clean."""
+Items 1-3 are findings behind the code, not switches of it (RESULTS.md names the commit where the probes that
+measured them on the CPU teacher can still be run). The student is a table: for every input state z (4^3 = 64) its
+logits (L, N); SUBS carry-over where z is clean."""
 import itertools
 import math
-from dataclasses import replace
 
 import torch
 
@@ -75,7 +75,7 @@ def marginal(p, t):
 
 
 def input_probs(p, b=1.0):
-    """The student's inputs: x~0 ~ p noised at t~ ~ Beta(1, b) (--input_beta; b = 1: U(0, 1)), k masks out of L:
+    """The student's inputs: x~0 ~ p noised at t~ ~ Beta(1, b) (b = 1: U(0, 1), the code's), k masks out of L:
     int t^k (1 - t)^(L - k) b (1 - t)^(b - 1) dt = b B(k + 1, L - k + b)."""
     k = MASKED.sum(-1).to(F64)
     log_beta = torch.lgamma(k + 1) + torch.lgamma(L - k + b) - torch.lgamma(torch.tensor(L + 1 + b, dtype=F64))
@@ -108,8 +108,18 @@ def one_shot_loss(logits, Pz, f_star, detach_fake=True):
     return (p * (nelbo(f_star) - nelbo(fake))).sum()
 
 
+def context_term(x0, noisy, gaps, mask_id):
+    """The score-function term App. C.1's stop-gradient drops: the unmasked tokens of x_t were drawn from the
+    student's x0, and the loss at the masked positions depends on them. Its surrogate, for one sequence (no
+    baseline), is r * log P_theta(context), r the sequence's teacher-minus-fake loss per token (no gradient)."""
+    context = noisy.x_t != mask_id
+    drawn = x0.gather(-1, noisy.x_t.clamp_max(x0.shape[-1] - 1)[..., None])[..., 0]       # (1, L) P(token drawn)
+    log_p = torch.where(context, drawn.clamp_min(1e-30).log(), torch.zeros_like(drawn)).sum(-1)
+    return (gaps.detach().sum(-1) / gaps.numel() * log_p).sum()
+
+
 def code_expectation(logits, Pz, teacher, fake, with_context):
-    """The code's student loss (distill_idlm.token_gaps, and with_context distill_idlm.context_term) summed exactly
+    """The code's student loss (distill_idlm.token_gaps, and with_context the context_term above) summed exactly
     over its randomness: the input z, the mask set S, and the context tokens drawn from sg(G(z)). mdlm_loss's weight
     is made 1 (alpha = 0, alpha' = -1) and the mask-count weight 1/(k C(L, k)) is applied here."""
     G = student_G(logits)
@@ -130,8 +140,8 @@ def code_expectation(logits, Pz, teacher, fake, with_context):
                     x0 = G[zi:zi + 1]
                     gaps = idlm.token_gaps(teacher, fake, objective, x0, noisy)[0]        # (1, L)
                     value = gaps.sum()
-                    if with_context:        # one sequence: the baseline is 0, the term is r * log P(context)
-                        value = value + idlm.context_term(x0, noisy, gaps, M) * gaps.numel()
+                    if with_context:
+                        value = value + context_term(x0, noisy, gaps, M) * gaps.numel()
                     total = total + Pz[zi] * p_context / (k * math.comb(L, k)) * value
     return total
 
@@ -148,7 +158,7 @@ def language(seed):
 def test_the_codes_gradient_is_the_exact_one_minus_the_context_term():
     """At a student away from everything: (a) the envelope theorem, the fake's dependence on theta does not change
     the gradient; (b) the code's soft-target gradient differs from the exact gradient of eq. 8 but points the same
-    way; (c) adding distill_idlm.context_term (the score-function term for the context tokens) makes them equal."""
+    way; (c) adding context_term (the score-function term for the context tokens) makes them equal."""
     p_star = language(0)
     Pz = input_probs(p_star)
     f_star = denoiser_table(p_star)
@@ -237,63 +247,9 @@ def test_one_shot_objective_reaches_its_optimum_with_a_collapsed_sampler_and_the
     assert kl(sampler_distribution(init, 3), p_star) > kl(q_step, p_star)   # and better than the teacher's sampler
 
 
-def test_step_objective_by_the_code_is_zero_at_the_true_marginal_and_positive_off_it():
-    """distill_idlm's step objective, summed exactly: a distribution P over partly masked states x_s, each re-masked
-    by a set S of its tokens with the sub-process weight B(k, n - k + 1) (= E_u of mdlm_loss's 1/u weight), scored
-    by distill_idlm.token_gaps with the teacher (p*'s exact denoiser) and the fake (the best denoiser of P that sees
-    only the re-masked state, as a network does). It is 0 at P = q_s, positive away from it, and at most KL(P || q_s)
-    (the fake does not know which masks were already there)."""
-    p_star = language(2)
-    objective = MDLMObjective(N)
-    q_s = marginal(p_star, 0.4)
-    teacher = Table(denoiser_table(p_star))
-    remask = []                                                     # (state, re-masked state, S, weight)
-    for xi, xs in enumerate(STATES.tolist()):
-        U = [i for i in range(L) if xs[i] != M]
-        for k in range(1, len(U) + 1):
-            w = math.factorial(k - 1) * math.factorial(len(U) - k) / math.factorial(len(U))
-            for S in itertools.combinations(U, k):
-                z = list(xs)
-                for i in S:
-                    z[i] = M
-                remask.append((xi, INDEX[tuple(z)], S, w))
-
-    def blind_fake(P):
-        acc = torch.zeros(len(STATES), L, N, dtype=F64)
-        for xi, zi, S, w in remask:
-            for i in S:
-                acc[zi, i, STATES[xi, i]] += P[xi] * w
-        total = acc.sum(-1, keepdim=True)
-        return Table(torch.where(total > 0, acc / total.clamp_min(1e-300), torch.full_like(acc, 1.0 / N)))
-
-    def loss(P):
-        fake, value = blind_fake(P), 0.0
-        for xi, zi, S, w in remask:
-            if P[xi] == 0:
-                continue
-            x_s = torch.nn.functional.one_hot(STATES[xi:xi + 1].clamp_max(N - 1), N).to(F64) * (~MASKED[xi:xi + 1])[..., None]
-            z = STATES[zi:zi + 1]
-            noisy = unit_weight_noisy(z)
-            gaps = idlm.token_gaps(teacher, fake, objective, x_s, noisy)[0]
-            value += P[xi] * w * gaps[0, list(S)].sum().item()
-        return value
-
-    assert abs(loss(q_s)) < 1e-10
-    g = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        P = q_s * torch.exp(0.8 * torch.randn(len(STATES), generator=g, dtype=F64))
-        pattern = MASKED.to(torch.long) @ (2 ** torch.arange(L))            # keep each mask pattern's probability
-        for code in pattern.unique():
-            sel = pattern == code
-            P[sel] = P[sel] / P[sel].sum() * q_s[sel].sum()
-        kl = (P * (P / q_s).log()).sum().item()
-        value = loss(P)
-        assert 1e-6 < value <= kl + 1e-10
-
-
 def test_input_times_weighted_to_clean_inputs_keep_the_samplers_entropy():
     """Which of eq. 8's optima descent reaches depends on how the one-jump components are weighted. From the
-    teacher, with the student's input times t~ ~ Beta(1, 3) (--input_beta 3: mostly clean inputs) instead of U(0, 1),
+    teacher, with the student's input times t~ ~ Beta(1, 3) (mostly clean inputs) instead of U(0, 1),
     the 3-step sampler built from the student ends with more entropy and closer to p* in KL, on two languages."""
     for seed in (0, 1):
         p_star = language(seed)
@@ -334,14 +290,11 @@ def test_inputs_from_the_students_own_chain_shed_more_entropy():
         assert entropy(sampler_distribution(own, 3)) < entropy(sampler_distribution(real, 3)) - 0.02
 
 
-def enumerated_anchor(logits, Pz, f_star, linear_time=False):
-    """E_{z ~ Pz}[sum over masked positions of KL(f*(z) || G(z))]: distill_idlm.teacher_anchor per sequence.
-    linear_time: each state weighted by 1.5 E[t~ | z] = 1.5 (k + 1) / (L + 2) for k masks (t~ ~ U(0, 1): the posterior
-    of t~ given k is Beta(k + 1, L - k + 1)), the code's 1.5 (1 - alpha_t~) in expectation."""
+def enumerated_anchor(logits, Pz, f_star):
+    """E_{z ~ Pz}[sum over masked positions of KL(f*(z) || G(z))]: distill_idlm.teacher_anchor per sequence."""
     G = student_G(logits)
     kl = (f_star * (f_star.clamp_min(1e-300).log() - G.clamp_min(1e-300).log())).sum(-1)       # (64, L)
-    weight = 1.5 * (MASKED.sum(-1) + 1) / (L + 2) if linear_time else 1.0
-    return (Pz * weight * (kl * MASKED).sum(-1)).sum()
+    return (Pz * (kl * MASKED).sum(-1)).sum()
 
 
 def test_the_code_anchor_is_the_enumerated_one():
@@ -377,26 +330,3 @@ def test_a_teacher_anchor_picks_the_optimum_whose_sampler_keeps_the_data():
         assert entropy(alone) < H - 0.05
         assert entropy(anchored) > H - 0.01
         assert kl(anchored, p_star) < 0.7 * min(kl(alone, p_star), kl(teacher, p_star))
-
-
-def test_an_anchor_weighted_to_masked_inputs_gives_a_closer_two_step_sampler():
-    """--anchor_time linear: the code weighs a sequence's anchor by 1.5 (1 - alpha_t~). Enumerated at w = 0.1, it
-    moves the anchor to the mostly masked inputs that make a sampler's first steps, and the 2-step sampler ends
-    closer to p* in KL than with the flat anchor on four languages (by 11-20%; at 3 steps it is closer on two of the
-    four and farther on the other two, so this is a few-step claim only)."""
-    p_star = language(1)
-    Pz, f_star = input_probs(p_star), denoiser_table(p_star)
-    G, teacher, objective = student_G(f_star.clamp_min(1e-9).log() + 0.5), Table(f_star), MDLMObjective(N)
-    z = unit_weight_noisy(STATES[-1:])                                           # all masked
-    flat = idlm.teacher_anchor(teacher, objective, z, G[-1:]).item()
-    half = idlm.teacher_anchor(teacher, objective, replace(z, alpha=torch.full((1, 1), 0.5, dtype=F64)), G[-1:],
-                               linear_time=True).item()
-    assert abs(half - 0.75 * flat) < 1e-12                                       # 1.5 (1 - 0.5) x the flat value
-    for seed in range(4):
-        p_star = language(seed)
-        Pz, f_star = input_probs(p_star), denoiser_table(p_star)
-        init = f_star.clamp_min(1e-9).log()
-        two_step = {time: sampler_distribution(descend(
-            lambda th: one_shot_loss(th, Pz, f_star) + 0.1 * enumerated_anchor(th, Pz, f_star, time), init), 2)
-            for time in (False, True)}
-        assert kl(two_step[True], p_star) < 0.92 * kl(two_step[False], p_star)

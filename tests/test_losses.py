@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data import SyntheticLanguage
-from sample import exact_denoiser
+from data import exact_denoiser
 from processes import Absorbing, Uniform, as_probs, duo_alpha, sample_time
 from losses import (mdlm_loss, sedd_absorb_loss, sedd_uniform_loss, udlm_loss, duo_loss,
                     MDLMObjective, SEDDObjective, DuoObjective)

@@ -63,6 +63,19 @@ def test_one_hot_soft_input_gives_the_same_logits_as_ids():
     assert soft.grad is not None and soft.grad.abs().sum() > 0  # differentiable in the input probabilities
 
 
+
+def test_soft_input_keeps_a_float32_residual_stream_under_bf16_autocast():
+    """Under bf16 autocast the soft lookup's matmul returns bf16; the embedding casts it back, so probability vectors
+    enter the blocks in float32 like token ids, and both give the same logits (up to bf16 matmul round-off)."""
+    model = tiny()
+    x = torch.randint(0, 9, (3, 6), generator=torch.Generator().manual_seed(1))
+    soft = F.one_hot(x, 9).float()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert model.vocab_embed(x).dtype == torch.float32
+        assert model.vocab_embed(soft).dtype == torch.float32
+        ids, probs = model(x).float(), model(soft).float()
+    assert (ids - probs).abs().max() < 0.05 * ids.abs().max()
+
 def test_subs_never_predicts_the_mask_and_copies_unmasked_tokens():
     """SUBS: p(mask) = 0 everywhere; an unmasked input token is its own prediction; masked rows are distributions."""
     model = tiny(head='subs', mask_id=8)

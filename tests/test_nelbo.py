@@ -11,7 +11,7 @@ import torch
 from data import SyntheticLanguage
 from losses import MDLMObjective
 from processes import sample_time
-from sample import exact_denoiser
+from data import exact_denoiser
 
 
 def exact_subs(language):

@@ -190,7 +190,7 @@ def ids_and_sigma(V, mask_id=None, seed=1):
 def test_mdlm_hugging_face_folder(tmp_path):
     V = 41
     w = official_weights(V)
-    model, ckpt = common.load_model(hf_folder(tmp_path / 'mdlm', 'mdlm', V, w))
+    model, ckpt = official.load_model(hf_folder(tmp_path / 'mdlm', 'mdlm', V, w))
     assert ckpt['kind'] == 'official' and ckpt['teacher'] == 'mdlm' and ckpt['layout'] == 'hf'
     assert ckpt['data_meta']['vocab_size'] == V - 1 and ckpt['data_meta']['seq_len'] == 16
     cfg = model.config
@@ -237,7 +237,7 @@ def test_sedd_hub_folder(tmp_path):
     folder.mkdir()
     json.dump(sedd_config(V), open(folder / 'config.json', 'w'))
     write_safetensors(folder / 'model.safetensors', w)                    # SEDD: no prefix
-    model, ckpt = common.load_model(str(folder))
+    model, ckpt = official.load_model(str(folder))
     assert ckpt['teacher'] == 'sedd' and model.config.head == 'sedd' and model.config.time_conditioning
     ids, sigma = ids_and_sigma(V, mask_id=V - 1)
     expect = reference_raw_logits(w, ids, sigma) - torch.log(torch.expm1(sigma))[:, None, None] - math.log(V - 1)
@@ -253,13 +253,13 @@ def test_sedd_run_folder_uses_the_ema_weights(tmp_path):
     ids, sigma = ids_and_sigma(V, mask_id=V - 1)
     scaled = lambda weights: (reference_raw_logits(weights, ids, sigma) - torch.log(torch.expm1(sigma))[:, None, None]
                               - math.log(V - 1)).scatter(-1, ids[..., None], 0.0)
-    model, ckpt = common.load_model(path)                                 # which='ema'
+    model, ckpt = official.load_model(path)                                 # which='ema'
     assert ckpt['weights'] == 'ema' and ckpt['layout'] == 'sedd-run'
     with torch.no_grad():
         out = model(ids, sigma)
     assert torch.allclose(out, scaled(shadow), atol=1e-4)
     assert not torch.allclose(out, scaled(w), atol=1e-2)                  # not the raw weights
-    raw_model, ckpt = common.load_model(os.path.join(path, 'checkpoints-meta', 'checkpoint.pth'), which='model')
+    raw_model, ckpt = official.load_model(os.path.join(path, 'checkpoints-meta', 'checkpoint.pth'), which='model')
     assert ckpt['weights'] == 'model'
     with torch.no_grad():
         assert torch.allclose(raw_model(ids, sigma), scaled(w), atol=1e-4)
@@ -313,7 +313,7 @@ def test_lightning_checkpoint_with_an_unimportable_config(tmp_path, monkeypatch)
     for importable in (True, False):                                      # the package installed, or not
         if not importable:
             monkeypatch.delitem(sys.modules, 'fake_omegaconf')
-        model, ckpt = common.load_model(path)
+        model, ckpt = official.load_model(path)
         assert ckpt['teacher'] == 'duo' and ckpt['weights'] == 'ema' and ckpt['layout'] == 'lightning'
         assert (ckpt['config']['duo_gamma_min'], ckpt['config']['duo_gamma_max']) == (-3.5, -1.75)
         with torch.no_grad():
@@ -327,7 +327,7 @@ def test_lightning_mdlm_with_a_plain_config(tmp_path):
     config = {'parameterization': 'subs', 'time_conditioning': True, 'backbone': 'dit',
               'model': {'hidden_size': D, 'cond_dim': C, 'length': 16, 'n_blocks': LAYERS, 'n_heads': HEADS}}
     path, shadow = lightning_ckpt(tmp_path / 'mdlm.ckpt', V, w, config, extra_shadow=False)
-    model, ckpt = common.load_model(path)
+    model, ckpt = official.load_model(path)
     assert ckpt['teacher'] == 'mdlm' and model.config.time_conditioning   # as its config says
     ids, sigma = ids_and_sigma(V, mask_id=V - 1)
     raw = reference_raw_logits(shadow, ids, sigma)
@@ -384,7 +384,7 @@ def test_hydra_yaml_subset():
 
 def one_line_user_error(path, *words, which='ema'):
     with pytest.raises(UserError) as err:
-        common.load_model(str(path), which=which)
+        official.load_model(str(path), which=which)
     message = str(err.value)
     assert '\n' not in message and message
     for word in words:

@@ -116,7 +116,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(runs, tmp_
     lightning = tmp_path / 'crafted.ckpt'
     torch.save({'state_dict': {}, 'hyper_parameters': {'config': Payload(marker)}}, lightning)
     with pytest.raises(UserError):
-        common.load_model(str(lightning))
+        official.load_model(str(lightning))
     assert not marker.exists()
 
 
@@ -129,7 +129,7 @@ def test_export_to_the_official_layout_and_back_gives_the_same_logits(runs, tmp_
     assert config['model_type'] == kind and config['n_blocks'] == 2
     weights = official.read_safetensors(str(tmp_path / 'hf' / 'model.safetensors'))
     assert all(k.startswith('backbone.') for k in weights)
-    ours, _ = common.load_model(str(root / kind))
+    ours, _ = official.load_model(str(root / kind))
     theirs, ckpt = official.load_official(str(tmp_path / 'hf'))
     z = torch.randint(0, 8, (5, 8), generator=torch.Generator().manual_seed(0))
     sigma = torch.rand(5, generator=torch.Generator().manual_seed(1))
@@ -191,10 +191,10 @@ def test_bad_inputs_get_one_sentence(runs, tmp_path):
     assert not (tmp_path / 'b0').exists()
     one_line(run(['distill_idlm.py', '--eval_batch_size', '0', f'--data={data}', f'--out_dir={tmp_path / "e0"}']),
              '--eval_batch_size must be at least 1')
-    one_line(run(['distill_didi.py', '--reward_masks', '-1', f'--data={data}', f'--out_dir={tmp_path / "r"}']),
-             '--reward_masks is a count of maskings')
-    one_line(run(['distill_didi.py', '--disc_steps', '0', f'--data={data}', f'--out_dir={tmp_path / "d"}']),
-             '--disc_steps is a count of discriminator updates')
+    one_line(run(['distill_didi.py', '--group_share', 'state', f'--data={data}', f'--out_dir={tmp_path / "r"}']),
+             '--group_share is none or tau')
+    one_line(run(['distill_didi.py', '--tau_dist', 'gamma', f'--data={data}', f'--out_dir={tmp_path / "d"}']),
+             '--tau_dist is beta or uniform')
     one_line(run(['distill_sdtt.py', '--eval_temperatures', '0.8,-1', f'--data={data}',    # no teacher: refused
                   f'--out_dir={tmp_path / "t"}']), '--eval_temperatures takes comma-separated numbers')  # before that
     assert not (tmp_path / 't').exists()

@@ -9,10 +9,10 @@ The network (Radford et al. 2019): learned token and position embeddings, n_laye
 then ln_f and logits = h @ wte^T (the output layer is tied to the token embedding). Hugging Face stores c_attn,
 c_proj and c_fc as Conv1D weights of shape [in, out]; nn.Linear keeps [out, in], so they are transposed on load.
 
-The protocol (the Duo code's evaluation, followed by IDLM and DiDi; reference/checkpoints-and-eval.md):
-decode the sampled ids to text, re-tokenise the text with GPT-2's BPE (tiktoken), truncate to 1024 tokens, and
-score each token from the ones before it (the first token has no context and is not scored). An EOS counts only
-the first time it appears in a sample; later EOS do not (nor padding, which this code never scores at all).
+The protocol (the Duo code's evaluation, which IDLM and DiDi follow): decode the sampled ids to text, re-tokenise
+the text with GPT-2's BPE (data.gpt2_encoding), truncate to 1024 tokens, and score each token from the ones before
+it (the first token has no context and is not scored). An EOS counts only the first time it appears in a sample;
+later EOS do not (nor padding, which this code never scores at all).
 GenPPL = exp(sum of the counted NLLs / number of counted tokens), over all samples together.
 """
 

@@ -1,38 +1,40 @@
 """
 Official teachers (SEDD, MDLM, Duo) read into model.py's DiT, whatever folder or file they come in.
 
-    model, ckpt = load_official('path/to/mdlm-owt')      # what load_model does for a path it did not write
+    model, ckpt = load_model('path/to/mdlm-owt')          # an official folder or file, or a ckpt.pt of ours
+    export_hf(model, ckpt, 'exported/idlm-mdlm')           # and back: a Hugging Face folder in the official layout
 
-Layouts (shared/reference/checkpoints-and-eval.md):
-  Hugging Face folder   config.json + model.safetensors or pytorch_model.bin (or a sharded *.index.json).
+Layouts, as the three code bases write them:
+  Hugging Face folder   config.json + model.safetensors or pytorch_model.bin (or shards listed in *.index.json).
                         MDLM (kuleshov-group/mdlm-owt) and Duo (s-sahoo/duo, duo-distilled): keys under `backbone.`,
                         config fields vocab_size, model_length, hidden_dim, cond_dim, n_blocks, n_heads, dropout,
                         time_conditioning, told apart by model_type. SEDD on the Hub (louaaron/sedd-small): keys as
                         they are, config.json is the training config (tokens, graph, noise, model.hidden_size, ...).
   SEDD run folder       .hydra/config.yaml + checkpoints-meta/checkpoint.pth = {model, ema, optimizer, step}.
   Lightning .ckpt       (MDLM and Duo code) state_dict under `backbone.`; hyper_parameters.config says which model.
-The EMA weights are used when the file has them (which='ema'): SEDD and Lightning keep them apart as
-ema['shadow_params'], a list in the order of the model's trainable parameters, which is the order of the weight
-names in the state dict without its buffers (rotary_emb.inv_freq). Hugging Face folders hold one set of weights.
+The EMA weights are used when the file has them (which='ema'): SEDD and Lightning keep them as
+ema['shadow_params'], a list in the order of the trainable parameters, i.e. of the state dict's names without
+its buffer rotary_emb.inv_freq. Hugging Face folders hold one set of weights.
 
 Our vocabulary convention (data.py, losses.py): N real tokens; an absorbing model adds its mask as id N (V = N + 1),
 a uniform model has V = N. The official models all have V = 50258:
   MDLM, SEDD   GPT-2's 50257 tokens + the mask at id 50257: N = 50257, mask_id = 50257, our convention exactly.
-  Duo          GPT-2's 50257 tokens + the [PAD] the Duo code adds to the tokenizer, and its uniform process runs
-               over all 50258 ids. We drop the PAD row of the embedding and the PAD column of the output layer,
-               so N = 50257 like the data, the other teachers and the GPT-2 judge. What changes: the uniform noise
-               never draws PAD (its prior moves by 1/50258 in total variation) and x0_hat is renormalised without
-               PAD, which never occurs in OpenWebText. This keeps data, samplers, decoding and IDLM's soft x0 on one
-               vocabulary; a sampler over all 50258 ids would produce a token no tokenizer can decode.
+  Duo          GPT-2's 50257 tokens + the [PAD] the Duo code adds to the tokenizer, its uniform process running
+               over all 50258 ids. We drop PAD's row of the embedding and column of the output layer, so N = 50257
+               like the data, the other teachers and the GPT-2 judge: the uniform noise never draws PAD (its prior
+               moves by 1/50258 in total variation) and x0_hat is renormalised without PAD, which never occurs in
+               OpenWebText. A sampler over all 50258 ids could write a token no tokenizer decodes.
 Sampling: MDLM ignores sigma; SEDD is fed sigma_bar; Duo is fed -log alpha_t and samples on the log-linear
 alpha grid (the Duo code's sampler), which ckpt['config']['sampling_schedule'] tells sample.load_sampler.
 
-Every problem is one CheckpointError sentence naming what is wrong and what to do; load_model turns it
-into a UserError. Pickled files (.ckpt, .pth, .bin) are read without running code from them: torch's weights-only
-loader, or for Lightning's hyper-parameters an unpickler that turns every class it names into an inert stub.
+Every problem is one CheckpointError sentence (a common.UserError) naming what is wrong and what to do. Nothing
+is trusted before it is checked: pickles (.ckpt, .pth, .bin) are read without running code from them (torch's
+weights-only loader, or for Lightning's hyper-parameters an unpickler that makes every class it names an inert
+stub), and a safetensors header is checked against the file's size before a byte of tensor data is read.
 """
 
 import json
+import math
 import os
 import pickle
 import re
@@ -51,7 +53,7 @@ HEADS = {'mdlm': 'subs', 'duo': 'x0', 'sedd': 'sedd'}
 BUFFERS = ('rotary_emb.inv_freq',)  # official state dicts may carry it; ours recomputes it (checked, then dropped)
 
 
-class CheckpointError(Exception):
+class CheckpointError(common.UserError):
     """A checkpoint that cannot be read into our DiT; the message is one sentence with the fix."""
 
 
@@ -96,30 +98,48 @@ SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.f
 
 
 def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}. The format is an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets: [begin, end]}} and the raw little-endian bytes; reading it takes a few
-    lines, so the `safetensors` package is not needed."""
+    """A .safetensors file -> {name: tensor}, without the `safetensors` package. The format: an 8-byte
+    little-endian header length n, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw
+    little-endian bytes, offsets counted from the end of the header. As the safetensors library does, every length
+    and offset is checked against the file's size before anything is read, so a truncated or crafted file is
+    refused instead of allocating what it claims."""
     try:
         with open(path, 'rb') as f:
+            size = os.fstat(f.fileno()).st_size
             (n,) = struct.unpack('<Q', f.read(8))
-            header = json.loads(f.read(n))
-            start = 8 + n
+            if n > size - 8:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file: its header claims {n} bytes "
+                                      f"but the whole file has {size}; download it again")
+            spans = safetensors_spans(json.loads(f.read(n)), size - 8 - n, path)
             tensors = {}
-            for name, info in header.items():
-                if name == '__metadata__':
-                    continue
-                begin, end = info['data_offsets']
-                f.seek(start + begin)
+            for name, (dtype, shape, begin, end) in spans.items():
+                f.seek(8 + n + begin)
                 raw = bytearray(f.read(end - begin))
-                dtype, shape = SAFETENSORS_DTYPES[info['dtype']], info['shape']
-                if len(raw) != end - begin:
-                    raise ValueError('truncated')
                 flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
                 tensors[name] = flat.reshape(shape)
             return tensors
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, struct.error) as e:
         raise CheckpointError(f"{path} is corrupt or not a safetensors file ({type(e).__name__}); download it "
                               f"again") from None
+
+
+def safetensors_spans(header, data_size, path):
+    """{name: (dtype, shape, begin, end)} from a safetensors header, each span checked to lie within the data
+    and to be exactly dtype x shape bytes long."""
+    spans = {}
+    for name, info in header.items():
+        if name == '__metadata__':
+            continue
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], info['shape'], info['data_offsets']
+        if not all(type(v) is int and v >= 0 for v in [*shape, begin, end]):
+            raise ValueError(f"bad shape or offsets for {name}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not begin <= end <= data_size or end - begin != nbytes:
+            raise CheckpointError(f"{path} is truncated or corrupt: tensor {name!r} ({info['dtype']} {shape}, "
+                                  f"{nbytes} bytes) claims bytes {begin} to {end} of the {data_size} the file holds; "
+                                  f"download it again")
+        spans[name] = (dtype, shape, begin, end)
+    return spans
 
 
 class _Stub:
@@ -168,12 +188,11 @@ class _TolerantUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if _TolerantUnpickler.allowed is None:
             _TolerantUnpickler.allowed = _safe_globals()
-        if f"{module}.{name}" in _TolerantUnpickler.allowed:
-            return _TolerantUnpickler.allowed[f"{module}.{name}"]
-        key = (module, name)
-        if key not in _STUBS:
-            _STUBS[key] = type(name, (_Stub,), {'__module__': module})
-        return _STUBS[key]
+        if f"{module}.{name}" in self.allowed:
+            return self.allowed[f"{module}.{name}"]
+        if (module, name) not in _STUBS:
+            _STUBS[module, name] = type(name, (_Stub,), {'__module__': module})
+        return _STUBS[module, name]
 
 
 _tolerant_pickle = types.SimpleNamespace(Unpickler=_TolerantUnpickler, __name__='official_tolerant_pickle',
@@ -263,36 +282,31 @@ def read_yaml(path):
 
 
 def read_weights(folder):
-    """The weights of a Hugging Face folder: model.safetensors, pytorch_model.bin, or shards listed by
+    """The weights of a Hugging Face folder: model.safetensors, pytorch_model.bin, or the shards listed by
     model.safetensors.index.json / pytorch_model.bin.index.json. -> {name: tensor}"""
     for name in ('model.safetensors', 'pytorch_model.bin'):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            return read_safetensors(path) if name.endswith('.safetensors') else _state_dict(torch_load(path), path)
-        index = path + '.index.json'
-        if os.path.isfile(index):
+            return read_weights_file(path)
+        if os.path.isfile(path + '.index.json'):
             try:
-                shards = sorted(set(json.load(open(index))['weight_map'].values()))
-            except (ValueError, KeyError, TypeError):
-                raise CheckpointError(f"{index} is corrupt; download the folder again") from None
-            weights = {}
-            for shard in shards:
-                weights.update(read_weights_file(os.path.join(folder, shard)))
-            return weights
+                with open(path + '.index.json') as f:
+                    shards = sorted(set(json.load(f)['weight_map'].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise CheckpointError(f"{path}.index.json is corrupt; download the folder again") from None
+            return {k: v for shard in shards for k, v in read_weights_file(os.path.join(folder, shard)).items()}
     raise CheckpointError(f"{folder} has a config.json but no model.safetensors or pytorch_model.bin; download the "
                           f"weights into the same folder")
 
 
 def read_weights_file(path):
+    """One weights file: safetensors, or a pickled state dict of tensors."""
     if path.endswith('.safetensors'):
         return read_safetensors(path)
-    return _state_dict(torch_load(path), path)
-
-
-def _state_dict(obj, path):
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+    state = torch_load(path)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a plain state dict of tensors; point to the model's weights file")
-    return obj
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,11 +340,14 @@ def _sedd_arch(cfg, where):
 
 def read_hf(folder):
     try:
-        cfg = json.load(open(os.path.join(folder, 'config.json')))
+        with open(os.path.join(folder, 'config.json')) as f:
+            cfg = json.load(f)
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{folder}/config.json is not valid JSON; download it again") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{folder}/config.json is not a JSON object; download it again")
+    extra = cfg.get('project') if isinstance(cfg.get('project'), dict) else {}   # written by export_hf below
     if isinstance(cfg.get('model'), dict) and 'graph' in cfg:   # SEDD's Hub mixin saves its training config
-        extra = cfg.get('project') if isinstance(cfg.get('project'), dict) else {}
         return 'sedd', _sedd_arch(cfg, folder), read_weights(folder), None, extra
     model_type = str(cfg.get('model_type', '')).lower()
     if model_type not in ('mdlm', 'duo'):
@@ -342,7 +359,6 @@ def read_hf(folder):
                 cond_dim=cfg.get('cond_dim'), n_layer=_first(cfg, 'n_blocks', 'num_hidden_layers'),
                 n_head=_first(cfg, 'n_heads', 'num_attention_heads'), seq_len=_first(cfg, 'model_length', 'length'),
                 dropout=cfg.get('dropout'), time_conditioning=cfg.get('time_conditioning'))
-    extra = cfg.get('project') if isinstance(cfg.get('project'), dict) else {}   # written by export_hf below
     return model_type, arch, read_weights(folder), None, extra
 
 
@@ -353,7 +369,7 @@ def read_sedd_run(path):
     if not isinstance(state, dict) or 'model' not in state:
         raise CheckpointError(f"{root}/checkpoints-meta/checkpoint.pth has no 'model' entry; point to a SEDD run "
                               f"folder written by its run_train.py")
-    ema = (state.get('ema') or {}).get('shadow_params') if isinstance(state.get('ema'), dict) else None
+    ema = state['ema'].get('shadow_params') if isinstance(state.get('ema'), dict) else None
     return 'sedd', _sedd_arch(cfg, root), state['model'], ema, {}
 
 
@@ -370,7 +386,7 @@ def _lightning_kind(cfg, path):
 
 def read_lightning(path, kind=None):
     """kind: what the caller knows the file holds ('mdlm' | 'duo' | 'sedd'), needed when it has no readable
-    hyper_parameters (the architecture then comes from the weight shapes, with 64-wide heads)."""
+    hyper_parameters; the architecture then comes from the weight shapes (dit_config)."""
     ckpt = torch_load(path, tolerant=True)
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise CheckpointError(f"{path} has no state_dict; point to a .ckpt written by the MDLM or Duo code")
@@ -383,8 +399,7 @@ def read_lightning(path, kind=None):
         cfg = {'algo': {'parameterization': {'mdlm': 'subs', 'duo': 'mean', 'sedd': 'score'}[kind]}}
     kind, algo = _lightning_kind(cfg, path)
     weights = {k[len('backbone.'):]: v for k, v in ckpt['state_dict'].items() if k.startswith('backbone.')}
-    ema = ckpt.get('ema')
-    ema = ema.get('shadow_params') if isinstance(ema, dict) else None
+    ema = ckpt['ema'].get('shadow_params') if isinstance(ckpt.get('ema'), dict) else None
     model = cfg.get('model') or {}
     if model.get('scale_by_sigma') is False and kind == 'sedd':
         raise CheckpointError(f"{path} has scale_by_sigma False; our 'sedd' head always scales the scores by sigma")
@@ -422,7 +437,11 @@ def dit_config(kind, arch, state, where):
     if state['output_layer.linear.weight'].shape[0] != V:
         raise CheckpointError(f"{where}: the embedding has {V} rows but the output layer predicts "
                               f"{state['output_layer.linear.weight'].shape[0]} tokens; the file is inconsistent")
-    n_head = arch.get('n_head') or max(1, d // 64)  # every released model uses 64-wide heads (768/12, 1024/16)
+    n_head = arch.get('n_head')
+    inv_freq = state.get('rotary_emb.inv_freq')
+    if not n_head and inv_freq is not None and inv_freq.numel():
+        n_head = max(1, d // (2 * inv_freq.numel()))   # no config: the rotary table has head_dim / 2 entries
+    n_head = n_head or max(1, d // 64)                 # nor a table: the released models' 64-wide heads
     if d % int(n_head) or (d // int(n_head)) % 2:
         raise CheckpointError(f"{where}: width {d} does not split into {n_head} heads of even size; fix n_heads")
     timed = {'mdlm': bool(arch.get('time_conditioning') or False), 'duo': True, 'sedd': True}[kind]
@@ -506,10 +525,10 @@ def load_official(path, which='ema', pad_id='auto', kind=None):
     'config' (what train.py's config would say: teacher, Duo's gammas, the sampling schedule, an evaluation
     batch), 'model_config', 'data_meta' {'vocab_size': N real tokens, 'seq_len', 'tokenizer', ...}."""
     layout = detect_layout(path)
-    readers = {'hf': read_hf, 'sedd-run': read_sedd_run, 'lightning': read_lightning}
+    readers = {'hf': read_hf, 'sedd-run': read_sedd_run, 'lightning': lambda p: read_lightning(p, kind)}
     if layout not in readers:
         raise unknown_layout(path)
-    kind, arch, weights, shadow, extra = readers[layout](path, kind) if layout == 'lightning' else readers[layout](path)
+    kind, arch, weights, shadow, extra = readers[layout](path)
     state = strip_prefix(weights)
     cfg = dit_config(kind, arch, state, path)
     pad = None
@@ -528,12 +547,13 @@ def load_official(path, which='ema', pad_id='auto', kind=None):
     model.load_state_dict({k: v.float() for k, v in state.items()})
     cfg = model.config
     N = cfg.vocab_size - 1 if kind in ('mdlm', 'sedd') else cfg.vocab_size
-    gammas = (extra.get('duo_gamma_min', DUO_OWT_GAMMAS[0]), extra.get('duo_gamma_max', DUO_OWT_GAMMAS[1]))
+    duo = kind == 'duo'
     config = {'teacher': kind, 'model': 'official', 'batch_size': 8,   # 8: an evaluation batch that fits at V = 50k
-              'duo_gamma_min': gammas[0] if kind == 'duo' else 0.0, 'duo_gamma_max': gammas[1] if kind == 'duo' else 0.0}
-    if kind == 'duo' and 'duo_spacing' in extra:     # a Duo model this project exported keeps its own schedule
+              'duo_gamma_min': extra.get('duo_gamma_min', DUO_OWT_GAMMAS[0]) if duo else 0.0,
+              'duo_gamma_max': extra.get('duo_gamma_max', DUO_OWT_GAMMAS[1]) if duo else 0.0}
+    if duo and 'duo_spacing' in extra:               # a Duo model this project exported keeps its own schedule
         config['duo_spacing'] = extra['duo_spacing']
-    elif kind == 'duo':
+    elif duo:
         config['sampling_schedule'] = 'loglinear'
     gpt2 = N == GPT2_VOCAB
     data_meta = extra.get('data_meta') or {
@@ -546,31 +566,26 @@ def load_official(path, which='ema', pad_id='auto', kind=None):
 
 
 def load_model(path, which='ema', kind=None):
-    """Rebuild a DiT from one of our checkpoints, or from an official SEDD / MDLM / Duo checkpoint in any layout
-    official.py reads (Hugging Face folder, SEDD run folder, Lightning .ckpt). which='ema' takes the averaged
-    weights when the file has them. Returns (model, checkpoint); an official one gets a checkpoint-like dict with
-    the same 'teacher', 'config', 'model_config' and 'data_meta' entries, so every script takes either. kind
-    ('mdlm' | 'duo' | 'sedd') says which model an official file holds when the file itself does not (a Lightning
-    .ckpt without hyper_parameters)."""
+    """A DiT from one of our checkpoints, or from an official SEDD / MDLM / Duo checkpoint in any layout above.
+    which='ema' takes the averaged weights when the file has them; kind ('mdlm' | 'duo' | 'sedd') says which model
+    an official file holds when it does not say itself (a Lightning .ckpt without hyper_parameters).
+    -> (model, checkpoint dict); an official one gets the same 'teacher', 'config', 'model_config' and 'data_meta'
+    entries as ours, so every script takes either."""
     layout = detect_layout(path)
     if layout is None and os.path.isdir(path):
-        raise common.UserError(str(unknown_layout(path)))
+        raise unknown_layout(path)
     if layout not in (None, 'ours'):
-        try:
-            return load_official(path, which, kind=kind)
-        except CheckpointError as e:
-            raise common.UserError(str(e)) from None
+        return load_official(path, which, kind=kind)
     ckpt = common.load_checkpoint(path)
     if not isinstance(ckpt, dict) or 'model_config' not in ckpt or 'model' not in ckpt:
-        raise common.UserError(str(unknown_layout(path)))
+        raise unknown_layout(path)
     try:
         model = DiT(DiTConfig(**ckpt['model_config']))
-        weights = ckpt['ema'] if which == 'ema' and ckpt.get('ema') else ckpt['model']
-        model.load_state_dict(weights)
+        model.load_state_dict(ckpt['ema'] if which == 'ema' and ckpt.get('ema') else ckpt['model'])
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AttributeError) as e:
         raise common.UserError(f"checkpoint {path} has a model_config or weights that do not make a DiT "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is damaged or was not written by "
-                        f"this project: re-create it") from None
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is damaged or was not "
+                               f"written by this project: re-create it") from None
     return model, ckpt
 
 
@@ -586,7 +601,7 @@ def write_safetensors(path, tensors):
     header, offset, blobs = {}, 0, []
     for name, tensor in tensors.items():
         data = tensor.detach().cpu().contiguous()
-        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b''
+        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b''
         header[name] = {'dtype': TORCH_TO_SAFETENSORS[data.dtype], 'shape': list(data.shape),
                         'data_offsets': [offset, offset + len(raw)]}
         blobs.append(raw)
@@ -596,8 +611,7 @@ def write_safetensors(path, tensors):
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, 'wb') as f:
         f.write(struct.pack('<Q', len(text)) + text)
-        for raw in blobs:
-            f.write(raw)
+        f.writelines(blobs)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -613,7 +627,8 @@ def export_hf(model, ckpt, folder):
     project reads its own export back unchanged. -> folder"""
     kind, cfg = ckpt['teacher'], model.config
     if kind not in HEADS:
-        raise CheckpointError(f"a {kind!r} model has no official Hugging Face layout; export an mdlm, duo or sedd model")
+        raise CheckpointError(f"a {kind!r} model has no official Hugging Face layout; export an mdlm, duo or sedd "
+                              f"model")
     os.makedirs(folder, exist_ok=True)
     project = {'data_meta': ckpt.get('data_meta'), 'source': 'few-step distillation (this project)'}
     if kind == 'duo':

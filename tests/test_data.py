@@ -1,13 +1,17 @@
 """
 Tests for data.py, read as documentation of where tokens come from:
 the synthetic language against brute-force enumeration (likelihood, sampler, exact denoiser, entropy bounds),
-then the on-disk format (round trips, clear errors) for the synthetic, pydoc and tiktoken sources.
+then the on-disk format (round trips, clear errors) for the synthetic, pydoc and tiktoken sources, GPT-2's BPE
+read offline as a user sets it up.
 """
 
+import hashlib
+import inspect
 import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +24,7 @@ import data
 from data import DataError, SyntheticLanguage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BPE_FILE = os.path.join(REPO, '..', 'shared', 'tokenizers', 'r50k_base.tiktoken')   # GPT-2's ranks, for tiktoken
 
 
 def tiny_language(**kw):
@@ -342,17 +347,58 @@ def test_cli_errors_are_one_line(tmp_path):
 # -----------------------------------------------------------------------------
 # Your own text through tiktoken's GPT-2 encoding
 
-def gpt2_or_skip():
-    """tiktoken's GPT-2 encoding, loaded afresh, or a skip where its BPE files are not available (offline)."""
+@pytest.fixture
+def offline_bpe(tmp_path, monkeypatch):
+    """GPT-2's BPE set up as a user does offline: r50k_base.tiktoken copied into a fresh TIKTOKEN_CACHE_DIR under
+    the SHA-1 of its URL, no network needed. -> the encoding, read from that file"""
+    if not os.path.isfile(BPE_FILE):
+        pytest.skip(f"GPT-2's BPE file r50k_base.tiktoken is not at {os.path.normpath(BPE_FILE)}")
+    tiktoken = pytest.importorskip('tiktoken')
+    cache = tmp_path / 'tiktoken-cache'
+    cache.mkdir()
+    shutil.copyfile(BPE_FILE, cache / data.R50K_CACHE_NAME)
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(cache))
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, 'r50k_base', raising=False)   # read the file, not a cache
     data.gpt2_encoding.cache_clear()
-    try:
-        return data.gpt2_encoding()
-    except DataError as e:
-        pytest.skip(f"tiktoken's GPT-2 BPE files cannot be loaded here ({e})")
+    yield data.gpt2_encoding()
+    data.gpt2_encoding.cache_clear()
 
 
-def test_text_round_trip(tmp_path):
-    enc = gpt2_or_skip()
+def test_the_cache_name_is_the_sha1_of_tiktokens_url():
+    openai_public = pytest.importorskip('tiktoken_ext.openai_public')
+    assert data.R50K_URL in inspect.getsource(openai_public.r50k_base)
+    assert hashlib.sha1(data.R50K_URL.encode()).hexdigest() == data.R50K_CACHE_NAME
+
+
+def test_gpt2_bpe_offline_gives_gpt2s_ids(offline_bpe):
+    enc = offline_bpe
+    assert enc.name == 'r50k_base' and enc.n_vocab == 50257
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode("<|endoftext|>", allowed_special={'<|endoftext|>'}) == [data.GPT2_EOS]
+    assert enc.decode([15496, 995]) == "Hello world"
+
+
+def test_real_text_through_the_cli_with_gpt2_bpe(tmp_path, offline_bpe):
+    """`python data.py --dataset text --tokenizer gpt2` on real text (the pydoc documentation), in a process that
+    finds the BPE file only through TIKTOKEN_CACHE_DIR: the format holds the text's GPT-2 ids, EOS after the file."""
+    text = data.pydoc_text()[:20_000]
+    (tmp_path / 'doc.txt').write_text(text, encoding='utf-8')
+    out = tmp_path / 'gpt2'
+    result = run_cli('--dataset', 'text', '--tokenizer', 'gpt2', '--files', str(tmp_path / 'doc.txt'),
+                     '--seq_len', '64', '--out', str(out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
+    d = data.load_data(str(out))
+    assert (d.meta['tokenizer'], d.vocab_size, d.seq_len, d.meta['eos_id']) == ('gpt2', 50257, 64, 50256)
+    ids = offline_bpe.encode_ordinary(text) + [50256]
+    n_blocks = len(ids) // 64
+    assert (len(d.train), len(d.val)) == (n_blocks - round(0.05 * n_blocks), round(0.05 * n_blocks))
+    assert np.concatenate([d.train.ravel(), d.val.ravel()]).tolist() == ids[:n_blocks * 64]
+    assert text.startswith(d.decode(d.batch('train', [0]))[0])
+
+
+def test_text_round_trip(tmp_path, offline_bpe):
+    enc = offline_bpe
     files = [tmp_path / 'a.txt', tmp_path / 'b.txt']
     files[0].write_text('The quick brown fox jumps over the lazy dog. ' * 40)
     files[1].write_text('Diffusion language models unmask many tokens per step. ' * 40)
@@ -413,7 +459,7 @@ def test_text_without_bpe_files_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         data.prepare_text(str(tmp_path / 'out'), [str(tmp_path / 'a.txt')])
     data.gpt2_encoding.cache_clear()
-    assert_one_sentence(err, 'TIKTOKEN_CACHE_DIR', '--dataset pydoc')
+    assert_one_sentence(err, 'TIKTOKEN_CACHE_DIR', 'r50k_base.tiktoken', data.R50K_CACHE_NAME, '--dataset pydoc')
     with pytest.raises(DataError) as err:
         data.prepare_text(str(tmp_path / 'out'), str(tmp_path / 'missing.txt'))
     assert_one_sentence(err, 'missing.txt', '--files')
@@ -512,8 +558,8 @@ def test_owt_through_the_cli(tmp_path, monkeypatch):
     assert d.val.tolist() == framed(doc_stream(texts[5:]), 12)
 
 
-def test_owt_with_gpt2_bpe(tmp_path):
-    enc = gpt2_or_skip()
+def test_owt_with_gpt2_bpe(tmp_path, offline_bpe):
+    enc = offline_bpe
     texts = owt_corpus(tmp_path / 'corpus')
     d = data.load_data(data.prepare_owt(str(tmp_path / 'owt'), str(tmp_path / 'corpus'), seq_len=8, val_docs=1))
     stream = []

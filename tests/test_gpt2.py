@@ -6,13 +6,13 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import eval as evaluation
 import gpt2
 from common import UserError
 from gpt2 import GPT2Judge, counted, generative_perplexity, load_gpt2, nll_sum
 from official import CheckpointError
+from test_data import offline_bpe  # noqa: F401  (a fixture: GPT-2's BPE read from TIKTOKEN_CACHE_DIR, offline)
 
 CFG = dict(vocab_size=67, n_positions=32, n_embd=24, n_layer=2, n_head=3, layer_norm_epsilon=1e-5)
 
@@ -161,7 +161,7 @@ class Fixed(torch.nn.Module):
 
 
 def test_genppl_is_token_weighted_over_all_samples():
-    V, eos = 6, 5
+    eos = 5
     logp = torch.log_softmax(torch.tensor([0.1, 0.5, -1.0, 2.0, 0.0, 1.0]), -1)
     samples = [[0, 1, eos, 2, eos, eos], [3, 3, 3], [4]]                 # a one-token sample scores nothing
     nll = -logp.double()
@@ -202,6 +202,14 @@ def test_judge_decodes_retokenizes_and_truncates(judge_folder, monkeypatch):
     kept = [[t for t in row if t < 60][:32] for row in x.tolist()]
     assert abs(judge.genppl(x) - generative_perplexity(model, kept, E)) < 1e-9
     assert abs(evaluation.judge_genppl(judge, x, bos_id=0) - judge.genppl(x)) < 1e-12   # eval.py dispatches to it
+
+
+def test_judge_retokenizes_with_gpt2s_bpe(offline_bpe):
+    """The judge's side of the protocol with the real BPE: GPT-2's ids, '<|endoftext|>' read as EOS, and a decode /
+    re-tokenise round trip that gives the same ids back for ordinary text."""
+    assert gpt2.retokenize(['Hello world<|endoftext|> Hello'], max_len=3) == [[15496, 995, 50256]]
+    ids = offline_bpe.encode_ordinary('Diffusion language models unmask many tokens per step.')
+    assert gpt2.retokenize([offline_bpe.decode(ids)]) == [ids]
 
 
 def test_eval_refuses_a_gpt2_judge_on_other_tokens(judge_folder):

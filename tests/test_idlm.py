@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -270,6 +271,29 @@ def test_two_processes_match_one(teachers, reference_run):
     assert not torch.equal(reference_run['model']['vocab_embed.embedding'],
                            load(root / 'mdlm')['ema']['vocab_embed.embedding'])   # the student did move
 
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_match_one_process_bit_for_bit(teachers, reference_run):
+    """Two torchrun launchers on this machine, one process each, joined by c10d rendezvous on localhost (gloo), as two
+    nodes would be: the student, the fake and the EMA equal the one-process run's exactly (grad_accum 2 over 2 ranks:
+    the halves each rank all-reduces are exact in floating point)."""
+    root, data = teachers
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+                '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{free_port()}', '--rdzv_id=idlm-test']
+    nodes = [subprocess.Popen(launcher + ['distill_idlm.py', *args(root / 'mdlm', data, root / 'nodes')], cwd=ROOT,
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    two = load(root / 'nodes')
+    for key in ('model', 'fake', 'ema'):
+        assert all(torch.equal(v, two[key][k]) for k, v in reference_run[key].items()), key
 
 def test_interrupted_run_resumes_bit_exactly(teachers, reference_run):
     root, data = teachers

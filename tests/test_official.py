@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import common
 import official
 from common import UserError
-from official import CheckpointError, load_official
+from official import load_official
 
 D, C, HEADS, LAYERS = 32, 16, 2, 2   # tiny: width 32, conditioning 16, 2 heads, 2 blocks
 
@@ -105,7 +105,8 @@ def write_safetensors(path, tensors):
 
 
 def hf_folder(path, kind, V, w, fmt='safetensors', **config):
-    """A Hugging Face folder of MDLM ('mdlm') or Duo ('duo'): keys under backbone., the config fields of their HF code."""
+    """A Hugging Face folder of MDLM ('mdlm') or Duo ('duo'): keys under backbone., the config fields of their HF
+    code."""
     os.makedirs(path, exist_ok=True)
     cfg = dict(model_type=kind, vocab_size=V, model_length=16, hidden_dim=D, cond_dim=C, n_blocks=LAYERS,
                n_heads=HEADS, dropout=0.1, time_conditioning=False if kind == 'mdlm' else True)
@@ -337,6 +338,24 @@ def test_lightning_mdlm_with_a_plain_config(tmp_path):
         assert torch.allclose(model(ids, sigma)[masked], raw.log_softmax(-1)[masked], atol=1e-4)
 
 
+def test_lightning_ckpt_without_a_config_reads_its_head_count_from_the_rotary_table(tmp_path):
+    """A bare .ckpt (no hyper_parameters) given its kind: rotary_emb.inv_freq has head_dim / 2 entries, so
+    n_heads = width / head_dim (here 2 heads of 16, where the released models' 64-wide default would say 1)."""
+    V = 41
+    w = official_weights(V)
+    shadow_list, shadow = ema_of(w)
+    path = tmp_path / 'bare.ckpt'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in w.items()}, 'ema': {'shadow_params': shadow_list}},
+               path)
+    one_line_user_error(path, '--teacher_kind mdlm')                      # which model it is, the file cannot say
+    ids, sigma = ids_and_sigma(V)
+    for kind in ('mdlm', 'duo'):
+        model, ckpt = official.load_model(str(path), kind=kind)
+        assert (ckpt['teacher'], model.config.n_head, ckpt['weights']) == (kind, HEADS, 'ema')
+    with torch.no_grad():                                                 # duo, V = 41: no PAD to drop
+        assert torch.allclose(model(ids, sigma), reference_raw_logits(shadow, ids, sigma).log_softmax(-1), atol=1e-4)
+
+
 def test_official_teachers_go_through_the_samplers(tmp_path):
     import sample
     V = 41
@@ -365,6 +384,68 @@ def test_safetensors_reader_handles_dtypes_and_offsets(tmp_path):
     (tmp_path / 'x.safetensors').write_bytes(struct.pack('<Q', len(text)) + text + b''.join(blobs))
     got = official.read_safetensors(str(tmp_path / 'x.safetensors'))
     assert all(torch.equal(got[k], tensors[k]) and got[k].dtype == tensors[k].dtype for k in tensors)
+
+
+def rewrite_header(path, edit):
+    """Rewrite a safetensors file's JSON header with edit(header), keeping its data bytes."""
+    blob = open(path, 'rb').read()
+    (n,) = struct.unpack('<Q', blob[:8])
+    header = json.loads(blob[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    open(path, 'wb').write(struct.pack('<Q', len(text)) + text + blob[8 + n:])
+
+
+class ReadSpy:
+    """A file that records the size of every binary read, to show what the reader asked for."""
+    reads = []
+
+    def __init__(self, path, mode='r', **kwargs):
+        self.f, self.binary = open(path, mode, **kwargs), 'b' in mode
+
+    def read(self, n=-1):
+        if self.binary:
+            ReadSpy.reads.append(n)
+        return self.f.read(n)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_crafted_or_truncated_safetensors_are_refused_before_reading(tmp_path, monkeypatch):
+    """A header length of 10^15, data offsets past the end (a truncated download), or a span that is not
+    dtype x shape bytes long: one sentence, after reading only the 8-byte length and the header itself."""
+    V = 41
+    folder = hf_folder(tmp_path / 'mdlm', 'mdlm', V, official_weights(V))
+    path = os.path.join(folder, 'model.safetensors')
+    good = open(path, 'rb').read()
+    monkeypatch.setattr(official, 'open', ReadSpy, raising=False)        # the reader's open() records its reads
+    open(path, 'wb').write(struct.pack('<Q', 10 ** 15) + good[8:])
+    ReadSpy.reads = []
+    one_line_user_error(folder, 'header claims 1000000000000000 bytes', f'has {len(good)}', 'download it again')
+    assert ReadSpy.reads == [8]
+    open(path, 'wb').write(good[:-100])                                   # truncated: the last tensor runs past
+    ReadSpy.reads = []
+    one_line_user_error(folder, 'truncated', "'backbone.output_layer.adaLN_modulation.bias'", 'download it again')
+    assert len(ReadSpy.reads) == 2 and max(ReadSpy.reads) < len(good)     # the length, the header, no tensor
+    open(path, 'wb').write(good)
+    rewrite_header(path, lambda h: h['backbone.vocab_embed.embedding'].update(shape=[10 ** 9, 10 ** 9]))
+    one_line_user_error(folder, "'backbone.vocab_embed.embedding'", '4000000000000000000 bytes')
+    open(path, 'wb').write(good)
+    rewrite_header(path, lambda h: h['backbone.sigma_map.mlp.0.bias'].update(data_offsets=[0, 10 ** 15]))
+    one_line_user_error(folder, "'backbone.sigma_map.mlp.0.bias'", 'claims bytes 0 to 1000000000000000')
+    open(path, 'wb').write(good)
+    rewrite_header(path, lambda h: h['backbone.sigma_map.mlp.0.bias'].update(data_offsets=[-8, 56]))
+    one_line_user_error(folder, 'corrupt or not a safetensors file')
+    monkeypatch.undo()
+    open(path, 'wb').write(good)
+    assert official.load_model(folder)[1]['teacher'] == 'mdlm'            # the untouched file still loads
 
 
 def test_hydra_yaml_subset():
@@ -487,7 +568,8 @@ def test_idlm_distills_an_official_teacher(tmp_path, kind):
     if kind == 'sedd':
         folder = tmp_path / 'teacher'
         folder.mkdir()
-        json.dump({**sedd_config(V), 'model': {**sedd_config(V)['model'], 'length': 8}}, open(folder / 'config.json', 'w'))
+        config = {**sedd_config(V), 'model': {**sedd_config(V)['model'], 'length': 8}}
+        json.dump(config, open(folder / 'config.json', 'w'))
         write_safetensors(folder / 'model.safetensors', w)
     else:
         folder = hf_folder(tmp_path / 'teacher', kind, V, w, model_length=8)

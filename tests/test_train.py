@@ -98,7 +98,7 @@ def test_resuming_with_the_wrong_teacher_is_refused(tiny_data, tmp_path):
     (['--data=/nonexistent/dir'], "data directory '/nonexistent/dir' does not exist"),
     (['--bogus=1'], 'unknown option --bogus'),
     (['--max_iters=ten'], '--max_iters takes'),
-])
+] + ([] if torch.cuda.is_available() else [(['--device=cuda'], 'this PyTorch sees no CUDA GPU')]))
 def test_bad_input_gets_one_clear_line(args, message):
     r = run_script(['train.py'] + args)
     assert r.returncode == 2
@@ -115,3 +115,30 @@ def test_vocabulary_larger_than_uint16_is_refused(tmp_path):
     (d / 'val.bin').write_bytes(b'\0' * 16)
     r = run_script(['train.py', f'--data={d}', '--model=tiny'])
     assert r.returncode == 2 and 'Traceback' not in r.stderr and '65536' in r.stderr, r.stderr
+
+
+def test_resume_without_a_checkpoint_says_so(tiny_data, tmp_path):
+    r = run_script(['train.py', *tiny_args(tiny_data, tmp_path / 'fresh', max_iters=1), '--resume=true'])
+    assert r.returncode == 0, r.stderr
+    assert 'there is no checkpoint at' in r.stdout and 'starts from iteration 0' in r.stdout
+
+
+def test_ranks_that_disagree_about_the_checkpoint_stop_with_one_sentence(tmp_path):
+    """Multi-node resume without a shared file system: rank 1 cannot see the checkpoint rank 0 sees. Every rank stops
+    with the same sentence instead of rank 1 silently starting again from iteration 0."""
+    (tmp_path / 'r0').mkdir()
+    (tmp_path / 'r0' / 'ckpt.pt').write_bytes(b'')
+    script = tmp_path / 'probe.py'
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import common
+
+def main():
+    rank, world, device = common.setup_distributed('cpu')
+    common.resume_point(os.path.join({str(tmp_path)!r}, f'r{{rank}}', 'ckpt.pt'), True, rank, world, device)
+
+common.run(main)
+""")
+    r = run_script([str(script)], nproc=2)
+    assert r.returncode != 0
+    assert r.stderr.count('is visible to 1 of the 2 processes') == 2, r.stderr[-2000:]

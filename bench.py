@@ -15,6 +15,10 @@ sample.py's fused step decides per position which tokens change and draws only t
    log-scores, Duo's log-softmax over V = N), a mid-run z (t = 1/2, each position masked with prob 1 - alpha_t)
    and the K-step grid's step t -> t - 1/K. Median time.perf_counter() of `repeats` fused and `ref_repeats`
    reference steps, after a warm-up call. Target: the fused MDLM step >= 10x faster than the reference at V = 50258.
+   Beside them, one float32 read of the logits: the median of `repeats` out.amax(-1), which reads every logit once
+   and writes (B, L) numbers; 'fused / read' is a step's cost in such reads (the floor of any step that looks at
+   every logit). On a CPU a float64 exp costs several reads, so SEDD and Duo, which need one per logit of a masked
+   (SEDD) or of every (Duo) position, cannot come near 1; MDLM touches only the rows that change.
 2. The K-step loop against the network alone: K forward passes on a fixed (B, L) batch, then sample.generate with
    time_conditioned=True, so that the loop calls the network at every step (MDLM's cache would skip calls and
    flatter the ratio). Target: loop / network <= 1.10. A stopwatch around the network splits the same loop into
@@ -61,6 +65,7 @@ steps = 1024              # K: the grid of the one-step benchmark
 loop_steps = 0            # K of the timed loop; 0: --steps. (At V = 50257 a CPU network call takes seconds, so
                           # 1024 calls take most of an hour; a shorter loop bounds the ratio, see section 2)
 samplers = 'mdlm,sedd,duo'  # the one-step benchmark; the loop benchmark is MDLM's
+block = 0                 # numbers per visit of a fused step's float64 work; 0: sample.py's default
 model = 'cpu'             # DiT size preset of the loop benchmark (model.PRESETS)
 repeats = 20              # timed fused steps (median)
 ref_repeats = 3           # timed reference steps: a handful, each one takes seconds at V = 50258
@@ -141,9 +146,9 @@ class Stopwatch(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # 1. One step without the network
 
-def step_case(kind, N, B, L, plan, k, generator):
+def step_case(kind, N, B, L, plan, k, generator, block=sample.BLOCK):
     """A mid-run state of one sampler at step k of the plan (t_k -> t_{k+1}), and step(fused) -> z_s that takes
-    the step from it. Returns (V, step)."""
+    the step from it. Returns (out, step): the network output (B, L, V) float32 that the step reads, and step."""
     device = generator.device
     alpha_t, alpha_s = plan.alpha[k], plan.alpha[k + 1]
     V = N if kind == 'duo' else N + 1
@@ -151,26 +156,30 @@ def step_case(kind, N, B, L, plan, k, generator):
     z = torch.randint(0, N, (B, L), generator=generator, device=device)
     if kind == 'duo':
         out = logits.log_softmax(-1)
-        return V, lambda fused: sample.duo_step(out, z, alpha_s, alpha_t, generator, fused)
+        return out, lambda fused: sample.duo_step(out, z, alpha_s, alpha_t, generator, fused, block)
     masked = torch.rand(B, L, dtype=torch.float64, generator=generator, device=device) >= alpha_t  # z_t ~ q(. | x0)
     z = torch.where(masked, N, z)
     if kind == 'mdlm':
         out = subs_log_probs(logits, z, N)
-        return V, lambda fused: sample.mdlm_step(out, z, alpha_s, alpha_t, generator, fused)
+        return out, lambda fused: sample.mdlm_step(out, z, alpha_s, alpha_t, generator, fused, block)
     out = sedd_log_score(logits, z, plan.sigma[k].expand(B))
     coef = sample.sedd_coefficient('analytic', plan, k)
-    return V, lambda fused: sample.sedd_step(out, z, coef, False, generator, fused)
+    return out, lambda fused: sample.sedd_step(out, z, coef, False, generator, fused, block)
 
 
 def bench_step(cfg, kind, N, device):
-    """Fused and reference step of one sampler: median ms, the ratio, and peak MiB of each."""
+    """Fused and reference step of one sampler, and one float32 read of its logits: median ms, the ratios, and
+    peak MiB of each step."""
     plan = sample.time_plan(cfg['steps'], device=device)
     generator = common.step_generator(cfg['seed'], N, device=device)
-    V, step = step_case(kind, N, cfg['batch_size'], cfg['seq_len'], plan, cfg['steps'] // 2, generator)
+    out, step = step_case(kind, N, cfg['batch_size'], cfg['seq_len'], plan, cfg['steps'] // 2, generator,
+                          cfg['block'] or sample.BLOCK)
+    read_s = median_seconds(lambda: out.amax(-1), cfg['repeats'], device)
     fused_s = median_seconds(lambda: step(True), cfg['repeats'], device)
     reference_s = median_seconds(lambda: step(False), cfg['ref_repeats'], device)
-    return dict(V=V, sampler=kind, fused_ms=1e3 * fused_s, reference_ms=1e3 * reference_s,
-                speedup=reference_s / fused_s, fused_mib=peak_bytes(lambda: step(True), device) / 2 ** 20,
+    return dict(V=out.shape[-1], sampler=kind, fused_ms=1e3 * fused_s, reference_ms=1e3 * reference_s,
+                speedup=reference_s / fused_s, read_ms=1e3 * read_s, reads=fused_s / read_s,
+                fused_mib=peak_bytes(lambda: step(True), device) / 2 ** 20,
                 reference_mib=peak_bytes(lambda: step(False), device) / 2 ** 20)
 
 
@@ -291,15 +300,18 @@ def row(cells):
 def report_steps(cfg, vocabs, kinds, device, emit):
     K = cfg['steps']
     emit(f"## One step without the network (t = 0.5 -> {0.5 - 1 / K:.4f}, about half the positions masked)", '',
-         f"Median of {cfg['repeats']} fused and {cfg['ref_repeats']} reference steps; MiB: the step's peak "
-         f"allocation beyond its inputs.", '')
-    names = ['V', 'sampler', 'fused ms', 'reference ms', 'reference / fused', 'fused MiB', 'reference MiB']
+         f"Median of {cfg['repeats']} fused and {cfg['ref_repeats']} reference steps; read: one float32 read of the "
+         f"logits (out.amax(-1)); MiB: the step's peak allocation beyond its inputs; fused steps visit "
+         f"{cfg['block'] or sample.BLOCK} numbers at a time.", '')
+    names = ['V', 'sampler', 'fused ms', 'reference ms', 'reference / fused', 'read ms', 'fused / read', 'fused MiB',
+             'reference MiB']
     emit(row(names), row(['---:'] * len(names)))
     for N in vocabs:
         for kind in kinds:
             r = bench_step(cfg, kind, N, device)
             emit(row([r['V'], kind, f"{r['fused_ms']:.3f}", f"{r['reference_ms']:.1f}", f"{r['speedup']:.1f}x",
-                      f"{r['fused_mib']:.2f}", f"{r['reference_mib']:.1f}"]))
+                      f"{r['read_ms']:.3f}", f"{r['reads']:.1f}x", f"{r['fused_mib']:.2f}",
+                      f"{r['reference_mib']:.1f}"]))
             if kind == 'mdlm' and N == max(vocabs):
                 target = f"{r['speedup']:.0f}x at V = {r['V']}, {'met' if r['speedup'] >= 10 else 'MISSED'}"
     if 'mdlm' in kinds:
@@ -364,6 +376,8 @@ def main(argv=None):
         raise UserError(f"--samplers are taken from {', '.join(sample.KINDS)}, not {cfg['samplers']!r}")
     if min(cfg['seq_len'], cfg['batch_size'], cfg['steps'], cfg['repeats'], cfg['ref_repeats']) < 1:
         raise UserError("--seq_len, --batch_size, --steps, --repeats and --ref_repeats must be at least 1")
+    if cfg['block'] < 0:
+        raise UserError("--block must be 0 (sample.py's default) or a positive number of elements")
     if cfg['loop_steps'] < 0:
         raise UserError("--loop_steps must be 0 (the same as --steps) or a positive number of steps")
     for key in ('model', 'iteration_model'):

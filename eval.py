@@ -138,10 +138,7 @@ def load_judge(spec, dataset, data_name, device):
         if dataset.meta['tokenizer'] != 'gpt2':
             raise UserError(f"--judge {spec} scores GPT-2 text, but --data {data_name} is "
                             f"{dataset.meta['tokenizer']!r} tokens; use an AR judge trained on it")
-        try:
-            return GPT2Judge(load_gpt2(spec[len('gpt2:'):]).to(device))
-        except official.CheckpointError as e:
-            raise UserError(str(e)) from None
+        return GPT2Judge(load_gpt2(spec[len('gpt2:'):]).to(device))   # a CheckpointError is a UserError
     judge, _ = official.load_model(spec)
     if judge.config.head != 'ar' or judge.config.vocab_size != N + 1:
         raise UserError(f"--judge {spec} is not an AR model over this data's {N} tokens; "
@@ -175,9 +172,8 @@ def parse_temperatures(text, flag='--temperature'):
 
 
 class Bench:
-    """What every row is drawn and scored with: the held-out data, the language (true GenPPL) or a judge, the
-    number of samples, the noise seed and the RGAS settings. A distiller builds one from its config, so its rows
-    are the rows eval.py would print for the same checkpoint and seed."""
+    """What every row is drawn and scored with: the held-out data, the language or a judge, the number of samples,
+    the noise seed, the RGAS settings. A distiller's rows are the rows eval.py prints for the same seed."""
 
     def __init__(self, dataset, judge, num_samples, batch_size, seed, device, rgas=None, sampler='analytic'):
         self.dataset, self.language, self.judge = dataset, dataset.language(), judge
@@ -423,8 +419,8 @@ def plot_sweep(rows, out_dir):
     if plt is None:
         return
     key, data = genppl_key(rows[-1]), next((r for r in rows if r.get('role') == 'data'), None)
-    models = {m: [r for r in rows if r['model'] == m] for m in dict.fromkeys(r['model'] for r in rows
-                                                                             if r.get('role') != 'data')}
+    names = dict.fromkeys(r['model'] for r in rows if r.get('role') != 'data')
+    models = {m: [r for r in rows if r['model'] == m] for m in names}
     metrics = ([key] if key else []) + ['entropy']
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, k in zip(axes[0], metrics):
@@ -474,10 +470,9 @@ def plot_temperature(rows, path, tolerance=0.02):
 
 
 def plot_history(evals, reference, path, tolerance=0.02, paths=False):
-    """Evaluations against iterations (a distiller's history['eval'], or --runs pooled over seeds): GenPPL and
-    entropy, one line per series and K (RGAS dashed; error bars: sd), with the teacher at its most steps
-    (reference) as the line to match and, for entropy, the tolerance band below it. paths: a third panel, the path
-    each line takes in the (entropy, GenPPL) plane: a run that is only slower follows the same path."""
+    """Evaluations (a distiller's history['eval'], or --runs pooled over seeds) against iterations: GenPPL and
+    entropy, one line per series and K (RGAS dashed), the teacher's row (reference) and its entropy band to reach.
+    paths: a third panel, the path in the (entropy, GenPPL) plane; a run that is only slower follows the same."""
     plt = pyplot()
     if plt is None or not evals:
         return
@@ -506,9 +501,8 @@ def plot_history(evals, reference, path, tolerance=0.02, paths=False):
 # A distiller's evaluation: periodic rows, best.pt, the final table
 
 class Evaluator:
-    """What distill_*.py calls: rows of the EMA student every eval_interval iterations on the selection streams,
-    best.pt among them, and the final table on the report streams, with the teacher and the plots. The two sets
-    of streams are disjoint, so the table is not the sample a snapshot was chosen on."""
+    """What distill_*.py calls: the student's rows every eval_interval iterations on the selection streams (best.pt
+    is chosen among them), and the final table on the disjoint report streams, with the teacher and the plots."""
 
     def __init__(self, bench, cfg, kind, schedule='loglinear'):
         self.bench, self.cfg, self.kind, self.schedule = bench, cfg, kind, schedule
@@ -531,6 +525,7 @@ class Evaluator:
         return given if self.has_genppl() else []
 
     def rows(self, label, net, select, steps=None, disc=None, role='student', greedy_tail=False, temperature=1.0):
+        """model_rows at eval_steps (or steps) on the selection streams (select) or the report streams."""
         return model_rows(self.bench, label, net, self.kind, steps or self.steps(),
                           self.select_streams if select else self.report_streams, self.schedule, disc,
                           greedy_tail, role, temperature=temperature)
@@ -604,12 +599,12 @@ def sweep(cfg):
         raise UserError("--streams must be at least 1")
     models = [(label, paths, 'teacher') for label, paths in parse_models(cfg['teacher'])] + \
              [(label, paths, 'student') for label, paths in parse_models(cfg['ckpt'])]
-    exact = any(paths == ['exact'] for _, paths, _ in models)
-    if exact and dataset.language() is None:
-        raise UserError("--ckpt exact needs synthetic data with a known language")
     rgas = dict(h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'], candidates=cfg['rgas_candidates'],
                 select=cfg['rgas_select'], reward=cfg['rgas_reward'])
     bench = Bench(dataset, judge, cfg['num_samples'], cfg['batch_size'], cfg['seed'], device, rgas, cfg['sampler'])
+    exact = any(paths == ['exact'] for _, paths, _ in models)
+    if exact and bench.language is None:
+        raise UserError("--ckpt exact needs synthetic data with a known language")
     disc = load_discriminator(cfg['disc'], dataset.vocab_size, device) if cfg['disc'] else None
     streams = list(range(1, cfg['streams'] + 1))
     kinds, rows = [], []
@@ -618,8 +613,9 @@ def sweep(cfg):
         loaded = [load_sampler(p, device, cfg['teacher_kind']) for p in paths]
         net, kind, schedule = [m[0] for m in loaded], loaded[0][1], loaded[0][5]
         kinds.append(kind)
-        nelbo = {} if cfg['nelbo_batches'] <= 0 else {'nelbo_ppl': mean_sd(
-            [nelbo_perplexity(p, dataset, cfg['nelbo_batches'], device) for p in paths])[0]}
+        nelbo = {}
+        if cfg['nelbo_batches'] > 0:
+            nelbo['nelbo_ppl'] = mean_sd([nelbo_perplexity(p, dataset, cfg['nelbo_batches'], device) for p in paths])[0]
         for tail in TAILS[cfg['greedy_tail']] if kind == 'duo' else (False,):
             name = label + (' + greedy tail' if tail else '')
             rows += model_rows(bench, name, net, kind, sorted(set(steps) | set(extra)) if role == 'teacher' else steps,
@@ -639,9 +635,9 @@ def sweep(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Runs over iterations: several distillation runs (and seeds of each) from their logs
 
-def run_curves(dirs, series='EMA'):
-    """The periodic rows of one label's runs (one per training seed) -> {(steps, iter): [row per seed]}, at the
-    iterations every seed reached."""
+def pooled_runs(label, dirs, series='EMA'):
+    """The periodic rows of one label's runs (dirs: one per training seed) -> one row per K and iteration that every
+    seed reached, each metric the mean and sd over seeds (with one seed, its own sd over noise streams)."""
     per_seed = []
     for d in dirs:
         path = os.path.join(d, 'history.json')
@@ -653,37 +649,33 @@ def run_curves(dirs, series='EMA'):
         except (json.JSONDecodeError, AttributeError):
             raise UserError(f"{path} is not a distiller's history (a JSON object with an 'eval' list)") from None
         per_seed.append({(r['steps'], r['iter']): r for r in rows if r.get('series') == series})
-    common_keys = set.intersection(*(set(p) for p in per_seed))
-    return {k: [p[k] for p in per_seed] for k in sorted(common_keys)}
-
-
-def seed_mean_sd(rows, key):
-    """Mean over training seeds, and their sd; with one seed, its sd over noise streams."""
-    if len(rows) == 1:
-        return rows[0][key], rows[0].get(key + '_sd', 0.0)
-    return mean_sd([r[key] for r in rows])
+    pooled = []
+    for K, it in sorted(set.intersection(*(set(p) for p in per_seed))):
+        seeds = [p[(K, it)] for p in per_seed]
+        row = {'run': label, 'seeds': len(dirs), 'series': f"{label} ({len(dirs)} seed{'s' * (len(dirs) > 1)})",
+               'steps': K, 'iter': it}
+        for k in ('genppl_true', 'genppl_judge', 'entropy'):
+            if k in seeds[0]:
+                one = (seeds[0][k], seeds[0].get(k + '_sd', 0.0))
+                row[k], row[k + '_sd'] = mean_sd([r[k] for r in seeds]) if len(seeds) > 1 else one
+        pooled.append(row)
+    return pooled
 
 
 def compare_runs(cfg):
     """--runs: GenPPL and entropy per run, K and iteration, as mean +- sd over the run's seeds -> runs.md, runs.png."""
-    runs = [(label, len(dirs), run_curves(dirs)) for label, dirs in parse_models(cfg['runs'])]
-    first = next((rows[0] for _, _, curve in runs for rows in curve.values()), None)
-    if first is None:
+    rows = [row for label, dirs in parse_models(cfg['runs']) for row in pooled_runs(label, dirs)]
+    if not rows:
         raise UserError("no periodic evaluations in these runs' history.json (was --eval_samples 0?)")
-    key = genppl_key(first) or 'entropy'
+    key = genppl_key(rows[0]) or 'entropy'
     lines = [f"| run | seeds | steps | iteration | {YLABEL[key]} | entropy |", "|---|---:|---:|---:|---|---|"]
-    pooled = []
-    for label, seeds, curve in runs:
-        for (K, it), rows in curve.items():
-            (g, g_sd), (e, e_sd) = seed_mean_sd(rows, key), seed_mean_sd(rows, 'entropy')
-            lines.append(f"| {label} | {seeds} | {K} | {it} | {g:.3f} ± {g_sd:.3f} | {e:.4f} ± {e_sd:.4f} |")
-            pooled.append({'series': f"{label} ({seeds} seed{'s' * (seeds > 1)})", 'steps': K, 'iter': it,
-                           key: g, key + '_sd': g_sd, 'entropy': e, 'entropy_sd': e_sd})
+    lines += [f"| {r['run']} | {r['seeds']} | {r['steps']} | {r['iter']} | {r[key]:.3f} ± {r[key + '_sd']:.3f} | "
+              f"{r['entropy']:.4f} ± {r['entropy_sd']:.4f} |" for r in rows]
     os.makedirs(cfg['out'], exist_ok=True)
     with open(os.path.join(cfg['out'], 'runs.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))
-    plot_history(pooled, None, os.path.join(cfg['out'], 'runs.png'), paths=True)
+    plot_history(rows, None, os.path.join(cfg['out'], 'runs.png'), paths=True)
 
 
 def main(argv=None):

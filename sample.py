@@ -1,49 +1,43 @@
 """
-Turning a denoiser into sequences in K steps: the reverse (sampling) process of diffusion language models.
+Sampling: K steps of the reverse process turn a diffusion language model's denoiser into sequences.
 
     python sample.py --ckpt out/mdlm-synthetic --steps 64 --num_samples 256 --out samples.npy
     python sample.py --ckpt exact --kind mdlm --steps 1024         # the synthetic language's exact denoiser
-    torchrun --standalone --nproc_per_node=2 sample.py --ckpt out/mdlm-synthetic --num_samples 256
+    torchrun --standalone --nproc_per_node=2 sample.py --ckpt out/mdlm-synthetic --num_samples 256   # same file
     python sample.py --ckpt out/didi-mdlm-synthetic --steps 8 --rgas true       # DiDi-Instruct's guided sampler
     python sample.py --ckpt out/idlm-mdlm-synthetic --disc out/didi-mdlm-synthetic --rgas true   # any MDLM model
 
-A denoiser is any callable net(z (B, L) ids, sigma (B,)) -> (B, L, V) in log space, exactly what model.DiT returns:
+A denoiser is any callable net(z (B, L) ids, sigma (B,)) -> (B, L, V) in log space, as model.DiT returns it:
 'subs' log x0_hat (MDLM), 'x0' log x0_hat (Duo / UDLM, V = N), 'sedd' log-scores. Sampling starts from pure noise
 (all masks, or uniform tokens) at t = 1 and walks the grid t_0 = 1 > t_1 > ... > t_K = 0, drawing z_s from the
-model's reverse transition p(z_s | z_t) = q(z_s | z_t, x = x0_hat(z_t)), one position at a time (every process
-factorises over positions, IDLM §2.1 "Sequence-Level"):
+model's reverse transition p(z_s | z_t) = q(z_s | z_t, x = x0_hat(z_t)) at every position independently (IDLM §2.1):
 
-  MDLM ancestral (DiDi eq. 2):   a masked token unmasks with prob (alpha_s - alpha_t)/(1 - alpha_t), to a token
-                                 drawn from x0_hat; unmasked tokens stay.
-  SEDD analytic / Euler:         the same shape with the score: unmask with prob c * sum_{y != m} s_y (clamped),
-                                 token ~ s_y; c = e^{sigma_t - sigma_s} - 1 (analytic, "Tweedie") or dt * sigma'_t (Euler).
-  Duo / UDLM ancestral:          q(z_s | z_t, x0_hat) of the uniform process (IDLM eq. 17-21, rescaled as in
-                                 processes.py): a 3-way mixture "stay / draw from x0_hat / draw uniformly".
+  MDLM ancestral (DiDi eq. 2):  a mask unmasks with prob (alpha_s - alpha_t)/(1 - alpha_t), to a token ~ x0_hat.
+  SEDD analytic / Euler:        the same form with the scores s_y = exp(l_y) (IDLM eq. 3, Q_abs of eq. 12): unmask
+                                with prob min(1, c sum_{y != m} s_y), to a token ~ s_y; c = e^{sigma_t - sigma_s} - 1
+                                (analytic) or (t - s) sigma'_t (Euler), which the log-linear schedule makes equal.
+  Duo / UDLM ancestral:         q(z_s | z_t, x0_hat) of the uniform process (IDLM eq. 17-21): per position a 3-way
+                                mixture "keep z_t / draw from x0_hat / draw uniformly".
+  RGAS (DiDi eq. 10-11):        the MDLM step guided by a DiDi-Instruct discriminator: tilted x0 logits in the
+                                first steps, the best of M candidates in the last ones.
 
-The grid is processes.time_grid(K) = linspace(1, 1e-5, K + 1), except that the last step goes to s = 0 exactly,
-alpha_s = 1: there every remaining mask is unmasked (MDLM), SEDD takes its "denoising" step to sigma = 0, and the
-uniform posterior becomes p(x | z_t). So every sampler makes exactly K network calls (NFE = K, fewer with caching,
-one more with Duo's greedy tail), and a K-step student is compared with a K-step teacher at equal cost.
+Every draw is made in float64 (Zheng et al. 2024, IDLM App. F): float32 Gumbel noise truncates the tail and lowers
+the effective temperature, which flatters generative perplexity. Each step has two implementations, tested against
+each other in distribution (tests/test_sample.py): the reference builds the (B, L, V) float64 posterior and inverts
+its CDF; the fused step (the default) decides per position, from per-position scalars, whether it changes, then
+draws only the changed positions by a float64 Gumbel-max. Its float64 work visits the logits --block numbers at a
+time, many rows per kernel: memory O(block), and about B L V / block visits whatever B, L and V are.
 
-Precision (Zheng et al. 2024, IDLM App. F): the network runs in float32 (bf16 autocast on GPU); every sampling
-computation runs in float64. float32 Gumbel noise truncates the tail and lowers the effective temperature, which
-makes generative perplexity look better than it is.
+Batch j holds sequences j B ... (j + 1) B - 1 and draws its noise from (--seed, j B). Under torchrun each process
+takes a run of whole batches, so any number of processes writes the same file for the same seed.
 
-Temperature (temper): every sampler above draws its tokens from x0_hat; with temperature T it draws them from
-x0_hat^(1/T), renormalised over the real tokens at each position (SEDD: the scores keep their total mass, so only
-which token, not whether a position unmasks, changes). T < 1 is mode-seeking: lower GenPPL, lower entropy. It is the
-baseline any distilled student must beat at equal entropy, since few-step samplers draw every position of a step
-independently and so come out noisier (higher entropy) than the many-step chain (RESULTS.md, "Temperature").
-
-RGAS (DiDi-Instruct eq. 10-11, generate_rgas): the MDLM ancestral step guided by a DiDi-Instruct discriminator,
-gradient tilting in the first steps and re-ranking of candidates in the last ones; see its section below.
-
-Each step has two implementations, tested against each other in distribution (tests/test_sample.py):
-  reference  builds the full posterior (B, L, V) in float64 and draws with an inverse-CDF categorical. Obviously
-             right, and memory-hungry at V = 50k.
-  fused      (default) first decides per position, from per-position scalars only, whether it changes this step,
-             then draws tokens only there with a float64 Gumbel-max over the vocabulary in chunks of columns, so no
-             (B, L, V) float64 tensor is ever built.
+Where this differs from the papers. The grid is processes.time_grid(K) except that the last step lands on s = 0
+exactly: every remaining mask is unmasked (MDLM), SEDD takes its denoising step to sigma = 0, and the uniform
+posterior becomes p(x | z_t). So every sampler makes exactly K network calls (fewer with MDLM's cache, one more
+with Duo's greedy tail), and a K-step student meets a K-step teacher at equal cost. --temperature T draws tokens
+from x0_hat^(1/T) (SEDD's scores keep their total mass, so T changes which token, not whether a position unmasks):
+the papers sample at T = 1, and a tempered teacher is the baseline a student must beat at equal entropy
+(RESULTS.md, "Temperature").
 """
 
 import os
@@ -71,14 +65,14 @@ kind = 'mdlm'             # only with --ckpt exact: mdlm | sedd | duo (duo = UDL
 data = 'synthetic'        # only with --ckpt exact: the synthetic data folder whose language is sampled
 steps = 64                # K: network calls per sequence
 num_samples = 64          # in total, over all processes
-batch_size = 64           # sequences per network call
-seed = 0
+batch_size = 0            # sequences per network call; 0: 64, fewer where the logits would pass 2^30 numbers (batch_for)
+seed = 0                  # batch j draws its noise from (seed, j * batch_size), on any number of processes
 out = ''                  # default: <ckpt folder>/samples_<steps>.npy (decoded text beside it, as .txt)
 fused = True              # False: the reference sampler (full float64 posteriors), slow but obviously right
 sampler = 'analytic'      # SEDD only: analytic | euler
 greedy_tail = False       # Duo only: end with every token set to argmax x0_hat (lower entropy)
 temperature = 1.0         # draw tokens from x0_hat^(1/T) (temper); < 1 trades entropy for GenPPL
-chunk = 8192              # vocabulary columns per Gumbel-max chunk: memory O(rows * chunk)
+block = 2 ** 22           # numbers per visit of a fused step's float64 work: its memory, and the size of its kernels
 device = 'auto'
 progress = True
 rgas = False              # MDLM only: reward-guided ancestral sampling with a DiDi-Instruct discriminator (eq. 10-11)
@@ -89,17 +83,17 @@ rgas_candidates = 4       # M candidates per re-ranking step
 rgas_select = 'max'       # keep the candidate with the highest reward ('max', DiDi App. F.3) or draw by 'softmax'
 rgas_reward = 'mean'      # eq. 6's reward: the 'mean' or the 'sum' of the log-ratio over the masked positions
 teacher_kind = ''         # mdlm | duo | sedd: what an official Lightning .ckpt without hyper_parameters holds
-export_hf = ''            # a folder: write --ckpt (EMA weights) there as a Hugging Face folder in the official layout
-                          # (config.json + model.safetensors, official.export_hf) instead of sampling
+export_hf = ''            # a folder: write --ckpt's EMA weights there in the official Hugging Face layout, no sampling
 # ----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 KINDS = ('mdlm', 'sedd', 'duo')
 F64 = torch.float64
+BLOCK = block
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Drawing tokens in float64
+# Drawing tokens in float64, a block of numbers at a time
 
 def categorical(probs, generator):
     """Reference draw: one token per row of probs (..., V), by inverting the float64 CDF. Rows need not be
@@ -109,50 +103,61 @@ def categorical(probs, generator):
     return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
 
-def gumbel_argmax(log_weights, generator, chunk=8192, rows=None):
+def visits(n, width, block):
+    """[0, n) as at most ceil(n * width / block) slices of near-equal length: n rows (or columns) of `width` numbers
+    each, visited about `block` numbers at a time, at least one row per visit. -> list of slices"""
+    count = max(1, (n * width + block - 1) // block)
+    per = max(1, -(-n // count))
+    return [slice(i, min(i + per, n)) for i in range(0, n, per)]
+
+
+def gumbel_argmax(log_weights, generator, rows=None, block=BLOCK):
     """One categorical draw per row, proportional to exp(log_weights), by the Gumbel-max trick in float64:
     argmax_y (l_y + g_y), g_y = -log(-log u_y). log_weights (R, V), any float dtype, unnormalised, -inf allowed;
-    rows: optional (M,) indices of the rows to draw. -> (M,) long (a row that is all -inf returns 0).
+    rows: the (M,) rows to draw, default all. -> (M,) long (a row that is all -inf returns 0).
 
-    The vocabulary is visited in chunks of columns with a running max, so memory is O(M * chunk) whatever V is.
+    All M rows are visited together, a slice of columns at a time (about M V / block visits), with a running max.
     The noise is generated column by column (M numbers per column), so on CPU the same generator gives the same
-    draws for every chunk size."""
-    rows = torch.arange(log_weights.shape[0], device=log_weights.device) if rows is None else rows
-    M, V = len(rows), log_weights.shape[1]
-    best = torch.full((M,), -torch.inf, dtype=F64, device=log_weights.device)
-    best_id = torch.zeros(M, dtype=torch.long, device=log_weights.device)
-    if M == 0:
-        return best_id
-    for c0 in range(0, V, chunk):
-        c1 = min(c0 + chunk, V)
-        u = torch.rand(c1 - c0, M, dtype=F64, generator=generator, device=log_weights.device).T   # (M, C)
-        scores = log_weights[rows, c0:c1].to(F64) - torch.log(-torch.log(u))                   # (M, C)
-        value, index = scores.max(-1)
+    draws for every block."""
+    device = log_weights.device
+    rows = torch.arange(log_weights.shape[0], device=device) if rows is None else rows
+    best = torch.full((len(rows),), -torch.inf, dtype=F64, device=device)
+    best_id = torch.zeros(len(rows), dtype=torch.long, device=device)
+    for cols in visits(log_weights.shape[1], len(rows), block):
+        g = torch.rand(cols.stop - cols.start, len(rows), dtype=F64, generator=generator, device=device)  # (C, M)
+        g.log_().neg_().log_().neg_()                                                  # Gumbel noise
+        value, index = g.add_(log_weights[rows, cols].T).max(0)                        # (M,) best in these columns
         better = value > best
         best = torch.where(better, value, best)
-        best_id = torch.where(better, index + c0, best_id)
+        best_id = torch.where(better, index + cols.start, best_id)
     return best_id
 
 
-def logsumexp_rows(log_weights, rows, block=65536):
-    """log sum_y exp(l_y) in float64 for the given rows of log_weights (R, V). -> (M,) float64
+def logsumexp_rows(log_weights, rows=None, block=BLOCK):
+    """log sum_y exp(l_y) in float64 for the given rows of log_weights (R, V), default all. -> (M,) float64
 
-    The rows are visited a few at a time, about `block` numbers per visit (one row at V = 50257), so the float64
-    copy stays in cache and memory is O(block) whatever V is. (Measured at V = 50257, 1024 rows, 1 thread: row
-    blocks ran 2.2x faster than the column-chunked running-max form, which must rescale its partial sums.)"""
-    per_visit = max(1, block // log_weights.shape[1])
-    parts = [torch.logsumexp(log_weights[rows[i:i + per_visit]].to(F64), dim=-1)
-             for i in range(0, len(rows), per_visit)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=F64, device=log_weights.device)
+    The rows are visited about block / V at a time (about M V / block visits) through one float64 buffer, so memory
+    is O(block + V) whatever M is."""
+    V, device = log_weights.shape[1], log_weights.device
+    parts = visits(log_weights.shape[0] if rows is None else len(rows), V, block)
+    result = torch.empty(parts[-1].stop if parts else 0, dtype=F64, device=device)
+    buffer = torch.empty(parts[0].stop if parts else 0, V, dtype=F64, device=device)   # the first visit is the longest
+    for part in parts:
+        x = buffer[:part.stop - part.start]
+        x.copy_(log_weights[part] if rows is None else log_weights[rows[part]])          # (r, V) float64
+        top = x.amax(-1, keepdim=True)
+        top.masked_fill_(top == -torch.inf, 0.0)                                          # a row of -inf gives -inf
+        result[part] = x.sub_(top).exp_().sum(-1).log_().add_(top[:, 0])
+    return result
 
 
-def change_tokens(log_weights, z, change_prob, generator, chunk=8192):
+def change_tokens(log_weights, z, change_prob, generator, block=BLOCK):
     """The fused draw shared by the absorbing samplers: position (b, i) changes with probability change_prob
     (B, L) float64, and then takes a token drawn from exp(log_weights) (B, L, N). Untouched positions keep z."""
     u = torch.rand(z.shape, dtype=F64, generator=generator, device=z.device)
     rows = (u < change_prob).flatten().nonzero()[:, 0]                 # (M,) flat positions that change
     z_new = z.flatten().clone()
-    z_new[rows] = gumbel_argmax(log_weights.flatten(0, 1), generator, chunk, rows)
+    z_new[rows] = gumbel_argmax(log_weights.flatten(0, 1), generator, rows, block)
     return z_new.view_as(z)
 
 
@@ -171,7 +176,7 @@ def mdlm_posterior(out, z, alpha_s, alpha_t):
     return Absorbing(out.shape[-1] - 1).posterior(z, x0_probs(out), alpha_s, alpha_t)
 
 
-def mdlm_step(out, z, alpha_s, alpha_t, generator, fused=True, chunk=8192):
+def mdlm_step(out, z, alpha_s, alpha_t, generator, fused=True, block=BLOCK):
     """One MDLM ancestral step t -> s (DiDi eq. 2). Fused: unmask each masked position with probability
     (alpha_s - alpha_t)/(1 - alpha_t), then draw its token from x0_hat. SUBS gives the mask zero mass, so the mask
     column (id N, the last) is simply left out of the draw."""
@@ -179,7 +184,7 @@ def mdlm_step(out, z, alpha_s, alpha_t, generator, fused=True, chunk=8192):
         return categorical(mdlm_posterior(out, z, alpha_s, alpha_t), generator)
     mask_id = out.shape[-1] - 1
     unmask = torch.where(z == mask_id, (alpha_s - alpha_t) / (1 - alpha_t), 0.0)        # (B, L)
-    return change_tokens(out[..., :mask_id], z, unmask, generator, chunk)
+    return change_tokens(out[..., :mask_id], z, unmask, generator, block)
 
 
 def sedd_posterior(out, z, coef, final):
@@ -196,25 +201,18 @@ def sedd_posterior(out, z, coef, final):
     return torch.where((z == mask_id)[..., None], probs, keep)
 
 
-def sedd_step(out, z, coef, final, generator, fused=True, chunk=8192):
-    """One SEDD step with log-scores out (B, L, N + 1). coef = e^{sigma_t - sigma_s} - 1 (analytic / Tweedie
-    tau-leaping) or (t - s) sigma'_t (Euler); both give the same form, so both share the fused path:
-    P(change) = min(1, coef * sum_{y != m} s_y) from a float64 logsumexp over the masked rows only, and the new
-    token ~ s_y. final: the denoising step to sigma = 0, which unmasks every remaining position.
-    With the log-linear schedule the two coefficients are equal, e^{sigma_t - sigma_s} - 1 = (1 - eps)(t - s)/alpha_t
-    = (t - s) sigma'_t, so Euler and analytic sampling coincide there (they differ for other schedules)."""
+def sedd_step(out, z, coef, final, generator, fused=True, block=BLOCK):
+    """One SEDD step with log-scores out (B, L, N + 1); coef: analytic or Euler (sedd_coefficient). Fused:
+    P(change) = min(1, coef * sum_{y != m} s_y) from a float64 logsumexp over the masked rows only, then the new
+    token ~ s_y. final: the denoising step to sigma = 0, which unmasks every remaining position."""
     if not fused:
         return categorical(sedd_posterior(out, z, coef, final), generator)
     mask_id = out.shape[-1] - 1
     scores = out[..., :mask_id]                                        # (B, L, N) a view: the mask is no target
-    masked = (z == mask_id).flatten()
-    rows = masked.nonzero()[:, 0]
+    rows = (z == mask_id).flatten().nonzero()[:, 0]                    # (M,) the masked positions
     change = torch.zeros(z.numel(), dtype=F64, device=z.device)
-    if final:
-        change[rows] = 1.0
-    else:
-        change[rows] = (coef * torch.exp(logsumexp_rows(scores.flatten(0, 1), rows))).clamp(0, 1)
-    return change_tokens(scores, z, change.view_as(z), generator, chunk)
+    change[rows] = 1.0 if final else (coef * logsumexp_rows(scores.flatten(0, 1), rows, block).exp()).clamp(0, 1)
+    return change_tokens(scores, z, change.view_as(z), generator, block)
 
 
 def duo_posterior(out, z, alpha_s, alpha_t):
@@ -235,22 +233,21 @@ def duo_mixture(x0_at_z, alpha_s, alpha_t, N):
     return c_stay, c_x, c_u
 
 
-def duo_step(out, z, alpha_s, alpha_t, generator, fused=True, chunk=8192):
+def duo_step(out, z, alpha_s, alpha_t, generator, fused=True, block=BLOCK):
     """One Duo / UDLM ancestral step t -> s. Fused: pick the mixture component per position (duo_mixture), then
     draw tokens from x0_hat (Gumbel-max) only where the component is x0_hat, uniformly where it is 'uniform'.
-    x_i needs x0_hat normalised in float64: one streaming logsumexp over every row."""
+    x_i needs x0_hat normalised in float64: one logsumexp over every row."""
     if not fused:
         return categorical(duo_posterior(out, z, alpha_s, alpha_t), generator)
     N = out.shape[-1]
     flat, ids = out.flatten(0, 1), z.flatten()                          # (B L, N), (B L,)
-    all_rows = torch.arange(len(ids), device=z.device)
-    log_x_i = flat[all_rows, ids].to(F64) - logsumexp_rows(flat, all_rows)
+    log_x_i = flat.gather(1, ids[:, None])[:, 0].to(F64) - logsumexp_rows(flat, block=block)
     _, c_x, c_u = duo_mixture(torch.exp(log_x_i), alpha_s, alpha_t, N)
     u = torch.rand(ids.shape, dtype=F64, generator=generator, device=z.device)
     from_x0 = u < c_x
     from_uniform = ~from_x0 & (u < c_x + c_u)
     z_new = ids.clone()
-    z_new[from_x0] = gumbel_argmax(flat, generator, chunk, from_x0.nonzero()[:, 0])
+    z_new[from_x0] = gumbel_argmax(flat, generator, from_x0.nonzero()[:, 0], block)
     z_new[from_uniform] = torch.randint(0, N, (int(from_uniform.sum()),), generator=generator, device=z.device)
     return z_new.view_as(z)
 
@@ -307,15 +304,15 @@ def temper(out, kind, temperature):
     return torch.cat([shape.clamp_min(NEG_INF), out[..., -1:].to(F64)], dim=-1)
 
 
-def take_step(kind, out, z, plan, k, generator, fused, sampler, chunk):
+def take_step(kind, out, z, plan, k, generator, fused, sampler, block):
     """Step k of the grid, t_k -> t_{k+1}, for any kind of model."""
     alpha_t, alpha_s = plan.alpha[k], plan.alpha[k + 1]
     if kind == 'mdlm':
-        return mdlm_step(out, z, alpha_s, alpha_t, generator, fused, chunk)
+        return mdlm_step(out, z, alpha_s, alpha_t, generator, fused, block)
     if kind == 'sedd':
         final = k == len(plan.t) - 2
-        return sedd_step(out, z, sedd_coefficient(sampler, plan, k), final, generator, fused, chunk)
-    return duo_step(out, z, alpha_s, alpha_t, generator, fused, chunk)
+        return sedd_step(out, z, sedd_coefficient(sampler, plan, k), final, generator, fused, block)
+    return duo_step(out, z, alpha_s, alpha_t, generator, fused, block)
 
 
 def call_network(net, z, sigma):
@@ -325,7 +322,7 @@ def call_network(net, z, sigma):
         return net(z, sigma)
 
 
-def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tail, cache, chunk, bar=None,
+def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tail, cache, block, bar=None,
                  temperature=1.0):
     """Run the K steps on one batch from pure noise. cache: the network ignores sigma (MDLM's released model, and
     the exact absorbing denoiser), so its output changes only where z changed: rows of the batch that did not
@@ -343,7 +340,7 @@ def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tai
             out, calls = call_network(net, z, sigma), calls + 1
         elif stale.any():
             out[stale], calls = call_network(net, z[stale], sigma[stale]), calls + 1
-        z_new = take_step(kind, temper(out, kind, temperature), z, plan, k, generator, fused, sampler, chunk)
+        z_new = take_step(kind, temper(out, kind, temperature), z, plan, k, generator, fused, sampler, block)
         stale, z = (z_new != z).any(-1), z_new
         if bar is not None:
             bar.update(1)
@@ -355,14 +352,16 @@ def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tai
 
 @torch.no_grad()
 def generate(net, kind, num_samples, seq_len, steps, N, generator, batch_size=64, fused=True, sampler=None,
-             greedy_tail=False, time_conditioned=None, schedule='loglinear', chunk=8192, progress=True,
+             greedy_tail=False, time_conditioned=None, schedule='loglinear', block=BLOCK, progress=True,
              temperature=1.0):
     """Sample num_samples sequences of seq_len tokens in `steps` steps from the denoiser net (see the module
-    docstring). kind: 'mdlm' | 'sedd' | 'duo'; N real tokens (absorbing models add mask id N); sampler (SEDD):
-    'analytic' (default) | 'euler'; schedule: 'loglinear', or a DuoObjective for a Duo model; time_conditioned:
-    None reads net.config.time_conditioning (or net.time_conditioned), and only False allows caching (MDLM);
-    temperature: tokens are drawn from x0_hat^(1/T) (temper). Everything runs on generator.device. Returns
-    (LongTensor (num_samples, seq_len), NFE = network calls per batch, averaged over batches)."""
+    docstring). kind: 'mdlm' | 'sedd' | 'duo'; N real tokens (absorbing models add mask id N); generator: one
+    torch.Generator that the batches draw from in turn, or a function b0 -> torch.Generator that gives the batch
+    starting at sequence b0 its own noise (batch_noise); sampler (SEDD): 'analytic' (default) | 'euler'; schedule:
+    'loglinear', or a DuoObjective for a Duo model; time_conditioned: None reads net.config.time_conditioning (or
+    net.time_conditioned), and only False allows caching (MDLM); temperature: tokens are drawn from x0_hat^(1/T)
+    (temper). Everything runs on the generator's device. Returns (LongTensor (num_samples, seq_len), NFE = network
+    calls per batch, averaged over batches)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if not (isinstance(steps, int) and steps >= 1):
@@ -381,14 +380,15 @@ def generate(net, kind, num_samples, seq_len, steps, N, generator, batch_size=64
         config = getattr(net, 'config', None)
         time_conditioned = getattr(config, 'time_conditioning', getattr(net, 'time_conditioned', True))
     cache = kind == 'mdlm' and not time_conditioned
-    plan = time_plan(steps, schedule, generator.device)
+    noise = generator if callable(generator) else lambda b0: generator
+    plan = time_plan(steps, schedule, noise(0).device)
     batches = range(0, num_samples, batch_size)
     bar = tqdm(total=len(batches) * steps, desc=f"sample {kind} K={steps}", disable=not progress,
                dynamic_ncols=True, mininterval=2)
     samples, calls = [], []
     for b0 in batches:
         B = min(batch_size, num_samples - b0)
-        z, c = sample_batch(net, kind, B, seq_len, N, plan, generator, fused, sampler, greedy_tail, cache, chunk, bar,
+        z, c = sample_batch(net, kind, B, seq_len, N, plan, noise(b0), fused, sampler, greedy_tail, cache, block, bar,
                             temperature)
         samples.append(z)
         calls.append(c)
@@ -453,7 +453,7 @@ def rerank(disc, candidates, sigma_s, generator, select='max', reward='mean'):
     return candidates[choice, torch.arange(B, device=candidates.device)]
 
 
-def rgas_batch(net, disc, B, L, N, plan, schedule, generator, fused, chunk, select, reward, bar=None):
+def rgas_batch(net, disc, B, L, N, plan, schedule, generator, fused, block, select, reward, bar=None):
     """Algorithm 2 on one batch, from all masks: one student call per step (no cache: the tilt changes the
     denoiser), plus a discriminator forward and backward (tilt) or M forwards (re-rank). -> z (B, L) long"""
     z = torch.full((B, L), N, dtype=torch.long, device=generator.device)
@@ -462,7 +462,7 @@ def rgas_batch(net, disc, B, L, N, plan, schedule, generator, fused, chunk, sele
         out = call_network(net, z, sigma)
         if h > 0:
             out = tilt(out, z, reward_gradient(disc, z, sigma, reward), h)
-        draws = [mdlm_step(out, z, plan.alpha[k + 1], plan.alpha[k], generator, fused, chunk) for _ in range(M)]
+        draws = [mdlm_step(out, z, plan.alpha[k + 1], plan.alpha[k], generator, fused, block) for _ in range(M)]
         z = draws[0] if M == 1 else rerank(disc, torch.stack(draws), plan.sigma[k + 1], generator, select, reward)
         if bar is not None:
             bar.update(1)
@@ -471,10 +471,11 @@ def rgas_batch(net, disc, B, L, N, plan, schedule, generator, fused, chunk, sele
 
 @torch.no_grad()
 def generate_rgas(net, disc, num_samples, seq_len, steps, N, generator, batch_size=64, h_max=30.0,
-                  tilt_fraction=0.5, candidates=4, fused=True, chunk=8192, progress=True, select='max', reward='mean'):
+                  tilt_fraction=0.5, candidates=4, fused=True, block=BLOCK, progress=True, select='max', reward='mean'):
     """generate() for an MDLM denoiser net (a DiDi-Instruct student, or any other) guided by the discriminator
-    disc (model.Discriminator over the same N + 1 tokens); select and reward: see rerank. Returns (LongTensor (num_samples, seq_len), NFE =
-    student calls per sequence = steps; the discriminator's calls come on top)."""
+    disc (model.Discriminator over the same N + 1 tokens); generator as in generate; select and reward: see
+    rerank. Returns (LongTensor (num_samples, seq_len), NFE = student calls per sequence = steps; the
+    discriminator's calls come on top)."""
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if candidates < 1 or not 0 <= tilt_fraction <= 1 or h_max < 0:
@@ -483,12 +484,13 @@ def generate_rgas(net, disc, num_samples, seq_len, steps, N, generator, batch_si
         raise ValueError(f"RGAS selects by 'max' or 'softmax' of a 'mean' or 'sum' reward, not {select!r} / {reward!r}")
     if disc.config.vocab_size != N + 1:
         raise ValueError(f"the discriminator reads {disc.config.vocab_size - 1} tokens, the sampled model {N}")
-    plan, schedule = time_plan(steps, 'loglinear', generator.device), rgas_plan(steps, tilt_fraction, h_max, candidates)
+    noise = generator if callable(generator) else lambda b0: generator
+    plan, schedule = time_plan(steps, 'loglinear', noise(0).device), rgas_plan(steps, tilt_fraction, h_max, candidates)
     batches = range(0, num_samples, batch_size)
     bar = tqdm(total=len(batches) * steps, desc=f"RGAS K={steps}", disable=not progress, dynamic_ncols=True,
                mininterval=2)
-    samples = [rgas_batch(net, disc, min(batch_size, num_samples - b0), seq_len, N, plan, schedule, generator, fused,
-                          chunk, select, reward, bar) for b0 in batches]
+    samples = [rgas_batch(net, disc, min(batch_size, num_samples - b0), seq_len, N, plan, schedule, noise(b0), fused,
+                          block, select, reward, bar) for b0 in batches]
     bar.close()
     return torch.cat(samples) if samples else torch.zeros(0, seq_len, dtype=torch.long), float(steps)
 
@@ -582,7 +584,31 @@ def open_target(cfg, rank, world, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line (one process, or torchrun: every rank samples its share, rank 0 writes one file)
+# Command line (one process, or torchrun: every rank samples a run of whole batches, rank 0 writes one file)
+
+def batch_for(V, L, numbers=2 ** 30):
+    """--batch_size 0: 64 sequences, halved while the (B, L, V) float32 logits would hold more than `numbers`
+    (4 GiB): 64 on the synthetic data, 16 at GPT-2's V = 50258 and L = 1024, where one forward of the 169M DiT
+    peaks at about 1.06 GiB a sequence."""
+    B = 64
+    while B > 1 and B * L * V > numbers:
+        B //= 2
+    return B
+
+
+def my_sequences(num_samples, batch_size, rank, world):
+    """[first, last): this rank's sequences, a run of whole batches (the last batch may be short), the ranks in
+    order and as even as whole batches allow, so that every batch starts where it would in one process."""
+    batches = -(-num_samples // batch_size)
+    first, last = -(-batches * rank // world), -(-batches * (rank + 1) // world)
+    return first * batch_size, min(num_samples, last * batch_size)
+
+
+def batch_noise(seed, first, device):
+    """b0 -> the generator of the batch that starts at sequence b0 of a share beginning at global sequence first:
+    common.step_generator(seed, first + b0), so a sequence's noise depends on its global index, not on the process."""
+    return lambda b0: common.step_generator(seed, first + b0, device=device)
+
 
 def gather_samples(x, world):
     """All ranks' samples, in rank order, on every rank (numpy: works for gloo and NCCL alike)."""
@@ -634,27 +660,28 @@ def main(argv=None):
     cfg = common.configure(DEFAULTS, argv)
     if cfg['export_hf']:
         return export(cfg)
-    if cfg['num_samples'] < 1 or cfg['steps'] < 1 or cfg['batch_size'] < 1:
-        raise UserError("--num_samples, --steps and --batch_size must be at least 1")
+    if cfg['num_samples'] < 1 or cfg['steps'] < 1 or cfg['block'] < 1 or cfg['batch_size'] < 0:
+        raise UserError("--num_samples, --steps and --block must be at least 1, --batch_size at least 0 (0: automatic)")
     if cfg['rgas'] and cfg['temperature'] != 1.0:
         raise UserError("--temperature applies to the plain sampler, not to --rgas; drop one of the two")
     rank, world, device = common.setup_distributed(cfg['device'])
     net, kind, N, L, meta, schedule, folder = open_target(cfg, rank, world, device)
-    share = cfg['num_samples'] // world + (rank < cfg['num_samples'] % world)   # exact total, as even as possible
-    generator = common.step_generator(cfg['seed'], rank, device=device)           # distinct noise on every rank
+    B = cfg['batch_size'] or batch_for(N + 1, L)
+    first, last = my_sequences(cfg['num_samples'], B, rank, world)
+    share, noise = last - first, batch_noise(cfg['seed'], first, device)
     start = time.time()
     try:
         if cfg['rgas']:
-            x, nfe = generate_rgas(net, rgas_discriminator(cfg, kind, N, device), share, L, cfg['steps'], N, generator,
-                                   batch_size=cfg['batch_size'], h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'],
-                                   candidates=cfg['rgas_candidates'], fused=cfg['fused'], chunk=cfg['chunk'],
+            x, nfe = generate_rgas(net, rgas_discriminator(cfg, kind, N, device), share, L, cfg['steps'], N, noise,
+                                   batch_size=B, h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'],
+                                   candidates=cfg['rgas_candidates'], fused=cfg['fused'], block=cfg['block'],
                                    progress=cfg['progress'] and rank == 0, select=cfg['rgas_select'],
                                    reward=cfg['rgas_reward'])
         else:
-            x, nfe = generate(net, kind, share, L, cfg['steps'], N, generator, batch_size=cfg['batch_size'],
-                              fused=cfg['fused'], sampler=cfg['sampler'] if kind == 'sedd' else None,
-                              greedy_tail=cfg['greedy_tail'], schedule=schedule, chunk=cfg['chunk'],
-                              progress=cfg['progress'] and rank == 0, temperature=cfg['temperature'])
+            x, nfe = generate(net, kind, share, L, cfg['steps'], N, noise, batch_size=B, fused=cfg['fused'],
+                              sampler=cfg['sampler'] if kind == 'sedd' else None, greedy_tail=cfg['greedy_tail'],
+                              schedule=schedule, block=cfg['block'], progress=cfg['progress'] and rank == 0,
+                              temperature=cfg['temperature'])
     except ValueError as e:
         raise UserError(str(e)) from None
     seconds = time.time() - start
@@ -663,7 +690,7 @@ def main(argv=None):
         tag = '' if cfg['temperature'] == 1.0 else f"_T{cfg['temperature']:g}"
         path = cfg['out'] or os.path.join(folder, f"{'rgas' if cfg['rgas'] else 'samples'}_{cfg['steps']}{tag}.npy")
         save_samples(path, samples, meta)
-        print(f"wrote {len(samples)} samples of {L} tokens to {path} (+ .txt): {kind}, K={cfg['steps']}, "
+        print(f"wrote {len(samples)} samples of {L} tokens to {path} (+ .txt): {kind}, K={cfg['steps']}, batch {B}, "
               f"NFE {nfe:.1f} per batch, {seconds / max(1, share):.4f} s per sequence on rank 0")
 
 

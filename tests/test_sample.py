@@ -75,7 +75,7 @@ def test_gumbel_argmax_is_the_categorical_distribution():
     logits[0, 3] = -torch.inf
     probs = torch.softmax(logits.double(), -1)[0]
     n = 50_000
-    draws = sample.gumbel_argmax(logits, gen(1), chunk=3, rows=torch.zeros(n, dtype=torch.long))
+    draws = sample.gumbel_argmax(logits, gen(1), rows=torch.zeros(n, dtype=torch.long), block=3 * n)  # 4 visits
     stat, df = chi_square(torch.bincount(draws, minlength=10), probs)
     assert stat < chi2_threshold(df)
     reference = sample.categorical(probs.expand(n, 10), gen(2))
@@ -86,16 +86,16 @@ def test_gumbel_argmax_is_the_categorical_distribution():
     assert chi_square(torch.bincount(hot, minlength=10), probs)[0] > chi2_threshold(df)
 
 
-def test_gumbel_argmax_does_not_depend_on_the_chunk_size():
-    """The noise is generated column by column, so the same generator gives identical draws for every chunk."""
+def test_gumbel_argmax_does_not_depend_on_the_block():
+    """The noise is generated column by column, so the same generator gives identical draws for every block."""
     logits = torch.randn(64, 37, generator=gen(0))
     rows = torch.tensor([5, 0, 63, 5, 17])
-    whole = sample.gumbel_argmax(logits, gen(7), chunk=37, rows=rows)
-    for chunk in (1, 5, 16, 100):
-        assert torch.equal(sample.gumbel_argmax(logits, gen(7), chunk=chunk, rows=rows), whole)
-    all_rows = sample.gumbel_argmax(logits, gen(7), chunk=8)
-    assert all_rows.shape == (64,) and torch.equal(all_rows, sample.gumbel_argmax(logits, gen(7), chunk=64))
-    assert not torch.equal(sample.gumbel_argmax(logits, gen(8), chunk=37, rows=rows), whole)  # it is random
+    whole = sample.gumbel_argmax(logits, gen(7), rows, block=5 * 37)
+    for block in (1, 25, 80, 10 ** 6):                          # 1 to 37 columns per visit
+        assert torch.equal(sample.gumbel_argmax(logits, gen(7), rows, block=block), whole)
+    all_rows = sample.gumbel_argmax(logits, gen(7), block=8 * 64)
+    assert all_rows.shape == (64,) and torch.equal(all_rows, sample.gumbel_argmax(logits, gen(7), block=64 * 64))
+    assert not torch.equal(sample.gumbel_argmax(logits, gen(8), rows, block=5 * 37), whole)  # it is random
 
 
 def test_blocked_logsumexp():
@@ -107,6 +107,7 @@ def test_blocked_logsumexp():
         got = sample.logsumexp_rows(x, rows, block)
         assert got.dtype == F64
         assert torch.allclose(got, torch.logsumexp(x.double()[rows], -1), atol=1e-12)
+        assert torch.allclose(sample.logsumexp_rows(x, block=block), torch.logsumexp(x.double(), -1), atol=1e-12)
     assert sample.logsumexp_rows(x, rows[:0]).shape == (0,)
 
 
@@ -137,7 +138,7 @@ def test_mdlm_step_fused_matches_reference():
     a_s, a_t = torch.tensor(0.7, dtype=F64), torch.tensor(0.4, dtype=F64)
     exact = sample.mdlm_posterior(out, z, a_s, a_t)[0]         # (L, V) DiDi eq. 2
     assert torch.allclose(exact[0, N], torch.tensor(0.3 / 0.6, dtype=F64))   # stays masked: (1 - a_s)/(1 - a_t)
-    check_step(lambda o, zz, fused, g: sample.mdlm_step(o, zz, a_s, a_t, g, fused, chunk=4), exact, out, z)
+    check_step(lambda o, zz, fused, g: sample.mdlm_step(o, zz, a_s, a_t, g, fused, block=50_000), exact, out, z)
 
 
 @pytest.mark.parametrize('final', [False, True])
@@ -149,7 +150,7 @@ def test_sedd_step_fused_matches_reference(final):
     exact = sample.sedd_posterior(out, z, coef, final)[0]
     if not final:   # both branches are exercised: a position that may stay masked, and one clamped to change
         assert exact[0, N] > 0.2 and exact[3, N] == 0
-    check_step(lambda o, zz, fused, g: sample.sedd_step(o, zz, coef, final, g, fused, chunk=3), exact, out, z)
+    check_step(lambda o, zz, fused, g: sample.sedd_step(o, zz, coef, final, g, fused, block=50_000), exact, out, z)
 
 
 def test_duo_step_fused_matches_reference():
@@ -159,7 +160,7 @@ def test_duo_step_fused_matches_reference():
     out = out.log_softmax(-1)
     a_s, a_t = torch.tensor(0.6, dtype=F64), torch.tensor(0.3, dtype=F64)
     exact = sample.duo_posterior(out, z, a_s, a_t)[0]
-    check_step(lambda o, zz, fused, g: sample.duo_step(o, zz, a_s, a_t, g, fused, chunk=5), exact, out, z)
+    check_step(lambda o, zz, fused, g: sample.duo_step(o, zz, a_s, a_t, g, fused, block=50_000), exact, out, z)
 
 
 def test_uniform_posterior_is_bayes_rule():
@@ -190,6 +191,48 @@ def test_sedd_euler_and_analytic_coincide_for_the_loglinear_schedule():
         assert torch.allclose(sample.sedd_coefficient('euler', plan, k), sample.sedd_coefficient('analytic', plan, k))
     assert plan.alpha[-1] == 1 and plan.sigma[-1] == 0 and plan.t[-1] == 0      # the last step lands on s = 0
     assert torch.allclose(plan.alpha[:-1], alpha_loglinear(torch.linspace(1, 1e-5, 8, dtype=F64))[:-1])
+
+
+# ------------------------------------------------------------------------------------------------- cost
+
+def count_operations(fn):
+    """How many torch operations fn() runs: on a GPU, about the number of kernels it launches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+@pytest.mark.parametrize('kind', sample.KINDS)
+def test_fused_steps_take_a_few_kernels_per_block_not_per_row(kind):
+    """At GPT-2's vocabulary a fused step visits the logits `block` numbers at a time, many rows per kernel: the
+    count of operations stays flat as B L grows within one block, and grows by a few per visit beyond it, with
+    ceil(B L V / block) visits. (A loop over rows, as logsumexp_rows had at V = 50257, grows with B L.)"""
+    V, a_s, a_t = 50257, torch.tensor(1.0, dtype=F64), torch.tensor(0.01, dtype=F64)
+
+    def operations(BL, block):
+        """One step where every one of the B L positions draws a token from the logits (the costliest case)."""
+        g = gen(0)
+        logits = torch.randn(1, BL, V + (kind != 'duo'), generator=g)
+        z = torch.full((1, BL), V) if kind != 'duo' else torch.randint(0, V, (1, BL), generator=g)
+        step = {'mdlm': lambda: sample.mdlm_step(logits, z, a_s, a_t, g, block=block),
+                'sedd': lambda: sample.sedd_step(logits, z, a_s, False, g, block=block),   # sum_y s_y >> 1: all change
+                'duo': lambda: sample.duo_step(logits.log_softmax(-1), z, a_s, a_t, g, block=block)}[kind]
+        return count_operations(step)
+
+    one_visit = operations(64, 64 * V)
+    assert operations(8, 64 * V) == one_visit                   # 8 rows or 64: the same kernels, only larger
+    per_visit = operations(64, 32 * V) - one_visit              # ceil(64 V / 32 V) = 2 visits
+    assert 0 < per_visit <= 40, per_visit
+    assert operations(64, 8 * V) <= one_visit + (8 - 1) * per_visit   # ceil(64 V / 8 V) = 8 visits
 
 
 # ------------------------------------------------------------------------------------------------- whole samplers
@@ -330,19 +373,49 @@ def test_greedy_tail_and_argument_checks(tiny):
 
 # ------------------------------------------------------------------------------------------------- command line
 
-def test_two_processes_write_one_file_of_distinct_rows(tiny_data, tmp_path):
-    data = tiny_data
-    out = str(tmp_path / 'samples.npy')
-    r = run_script(['sample.py', '--ckpt=exact', f'--data={data}', '--kind=mdlm', '--steps=16', '--num_samples=7',
-                    '--batch_size=2', f'--out={out}', '--progress=false'], nproc=2)
-    assert r.returncode == 0, r.stderr
-    x = np.load(out)
-    assert x.shape == (7, 8) and x.dtype == np.int64 and x.min() >= 0 and x.max() < 8
-    rank0, rank1 = x[:4], x[4:]                                # 7 = 4 + 3, in rank order
-    assert not any((a == b).all() for a in rank0 for b in rank1)
-    lines = open(out + '.txt').read().splitlines()
-    assert len(lines) == 7 and lines[0] == ' '.join(map(str, x[0]))
-    assert 'NFE' in r.stdout
+def test_two_processes_write_the_samples_of_one_process(tiny_data, tmp_path):
+    """torchrun with 2 processes (gloo, CPU) writes the very file that 1 process writes with the same --seed."""
+    files = [str(tmp_path / f'samples_{nproc}.npy') for nproc in (1, 2)]
+    for nproc, out in zip((1, 2), files):
+        r = run_script(['sample.py', '--ckpt=exact', f'--data={tiny_data}', '--kind=mdlm', '--steps=16', '--seed=3',
+                        '--num_samples=7', '--batch_size=2', f'--out={out}', '--progress=false'], nproc=nproc)
+        assert r.returncode == 0, r.stderr
+        assert 'NFE' in r.stdout
+    one, two = np.load(files[0]), np.load(files[1])
+    assert one.shape == (7, 8) and one.dtype == np.int64 and one.min() >= 0 and one.max() < 8
+    assert np.array_equal(one, two)
+    assert len({one[b0:b0 + 2].tobytes() for b0 in range(0, 7, 2)}) == 4     # every batch has noise of its own
+    lines = open(files[1] + '.txt').read().splitlines()
+    assert len(lines) == 7 and lines[0] == ' '.join(map(str, two[0]))
+
+
+def test_samples_do_not_depend_on_the_number_of_processes(tiny):
+    """Every world size from 1 to 5 splits the batches into runs that start where they would in one process, and
+    batch j draws from (seed, j B), so the ranks' samples, in rank order, are one process's samples. The first batch
+    draws what one process drew before this rule (common.step_generator(seed, 0)), so a run of one batch is unchanged."""
+    lang, _ = tiny
+    net = sample.exact_denoiser(lang, 'sedd')
+    n, B, seed = 11, 3, 5
+
+    def share(rank, world):
+        first, last = sample.my_sequences(n, B, rank, world)
+        assert first % B == 0
+        return sample.generate(net, 'sedd', last - first, 4, 6, 4, sample.batch_noise(seed, first, 'cpu'),
+                               batch_size=B, progress=False)[0]
+
+    one = share(0, 1)
+    for world in range(2, 6):
+        assert torch.equal(torch.cat([share(rank, world) for rank in range(world)]), one)
+    first_batch, _ = sample.generate(net, 'sedd', B, 4, 6, 4, sample.common.step_generator(seed, 0), batch_size=B,
+                                     progress=False)
+    assert torch.equal(first_batch, one[:B])
+
+
+def test_default_batch_fits_the_vocabulary():
+    """--batch_size 0: 64 on the synthetic data (its draws are the ones an explicit 64 gives), 16 at GPT-2's
+    V = 50258 and L = 1024, where one forward of the 169M DiT peaks at about 1.06 GiB a sequence."""
+    assert sample.batch_for(65, 64) == 64 and sample.batch_for(258, 1024) == 64
+    assert sample.batch_for(50258, 1024) == 16 and sample.batch_for(50258, 128 * 1024) == 1
 
 
 @pytest.fixture(scope='module')

@@ -65,7 +65,7 @@ steps = 1024              # K: the grid of the one-step benchmark
 loop_steps = 0            # K of the timed loop; 0: --steps. (At V = 50257 a CPU network call takes seconds, so
                           # 1024 calls take most of an hour; a shorter loop bounds the ratio, see section 2)
 samplers = 'mdlm,sedd,duo'  # the one-step benchmark; the loop benchmark is MDLM's
-block = 0                 # numbers per visit of a fused step's float64 work; 0: sample.py's default
+block = 0                 # numbers per visit of a fused step's float64 work; 0: sample.default_block
 model = 'cpu'             # DiT size preset of the loop benchmark (model.PRESETS)
 repeats = 20              # timed fused steps (median)
 ref_repeats = 3           # timed reference steps: a handful, each one takes seconds at V = 50258
@@ -146,7 +146,7 @@ class Stopwatch(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # 1. One step without the network
 
-def step_case(kind, N, B, L, plan, k, generator, block=sample.BLOCK):
+def step_case(kind, N, B, L, plan, k, generator, block=0):
     """A mid-run state of one sampler at step k of the plan (t_k -> t_{k+1}), and step(fused) -> z_s that takes
     the step from it. Returns (out, step): the network output (B, L, V) float32 that the step reads, and step."""
     device = generator.device
@@ -173,7 +173,7 @@ def bench_step(cfg, kind, N, device):
     plan = sample.time_plan(cfg['steps'], device=device)
     generator = common.step_generator(cfg['seed'], N, device=device)
     out, step = step_case(kind, N, cfg['batch_size'], cfg['seq_len'], plan, cfg['steps'] // 2, generator,
-                          cfg['block'] or sample.BLOCK)
+                          cfg['block'])
     read_s = median_seconds(lambda: out.amax(-1), cfg['repeats'], device)
     fused_s = median_seconds(lambda: step(True), cfg['repeats'], device)
     reference_s = median_seconds(lambda: step(False), cfg['ref_repeats'], device)
@@ -302,7 +302,7 @@ def report_steps(cfg, vocabs, kinds, device, emit):
     emit(f"## One step without the network (t = 0.5 -> {0.5 - 1 / K:.4f}, about half the positions masked)", '',
          f"Median of {cfg['repeats']} fused and {cfg['ref_repeats']} reference steps; read: one float32 read of the "
          f"logits (out.amax(-1)); MiB: the step's peak allocation beyond its inputs; fused steps visit "
-         f"{cfg['block'] or sample.BLOCK} numbers at a time.", '')
+         f"{cfg['block'] or sample.default_block(device)} numbers at a time.", '')
     names = ['V', 'sampler', 'fused ms', 'reference ms', 'reference / fused', 'read ms', 'fused / read', 'fused MiB',
              'reference MiB']
     emit(row(names), row(['---:'] * len(names)))

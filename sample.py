@@ -4,40 +4,36 @@ Sampling: K steps of the reverse process turn a diffusion language model's denoi
     python sample.py --ckpt out/mdlm-synthetic --steps 64 --num_samples 256 --out samples.npy
     python sample.py --ckpt exact --kind mdlm --steps 1024         # the synthetic language's exact denoiser
     torchrun --standalone --nproc_per_node=2 sample.py --ckpt out/mdlm-synthetic --num_samples 256   # same file
-    python sample.py --ckpt out/didi-mdlm-synthetic --steps 8 --rgas true       # DiDi-Instruct's guided sampler
-    python sample.py --ckpt out/idlm-mdlm-synthetic --disc out/didi-mdlm-synthetic --rgas true   # any MDLM model
+    python sample.py --ckpt out/idlm-mdlm-synthetic --disc out/didi-mdlm-synthetic --rgas true   # guided (RGAS)
 
 A denoiser is any callable net(z (B, L) ids, sigma (B,)) -> (B, L, V) in log space, as model.DiT returns it:
 'subs' log x0_hat (MDLM), 'x0' log x0_hat (Duo / UDLM, V = N), 'sedd' log-scores. Sampling starts from pure noise
-(all masks, or uniform tokens) at t = 1 and walks the grid t_0 = 1 > t_1 > ... > t_K = 0, drawing z_s from the
-model's reverse transition p(z_s | z_t) = q(z_s | z_t, x = x0_hat(z_t)) at every position independently (IDLM §2.1):
+(all masks, or uniform tokens) at t = 1 and walks the grid t_0 = 1 > ... > t_K = 0, drawing every position of z_s
+independently from p(z_s | z_t) = q(z_s | z_t, x = x0_hat(z_t)) (IDLM §2.1):
 
   MDLM ancestral (DiDi eq. 2):  a mask unmasks with prob (alpha_s - alpha_t)/(1 - alpha_t), to a token ~ x0_hat.
-  SEDD analytic / Euler:        the same form with the scores s_y = exp(l_y) (IDLM eq. 3, Q_abs of eq. 12): unmask
-                                with prob min(1, c sum_{y != m} s_y), to a token ~ s_y; c = e^{sigma_t - sigma_s} - 1
-                                (analytic) or (t - s) sigma'_t (Euler), which the log-linear schedule makes equal.
-  Duo / UDLM ancestral:         q(z_s | z_t, x0_hat) of the uniform process (IDLM eq. 17-21): per position a 3-way
+  SEDD analytic / Euler:        with the scores s_y = exp(l_y) (IDLM eq. 3, Q_abs of eq. 12), a mask unmasks with
+                                prob min(1, c sum_{y != m} s_y), to a token ~ s_y; c = e^{sigma_t - sigma_s} - 1
+                                (analytic) or (t - s) sigma'_t (Euler): equal for the log-linear schedule.
+  Duo / UDLM ancestral:         q(z_s | z_t, x0_hat) of the uniform process (IDLM eq. 17-21), per position a
                                 mixture "keep z_t / draw from x0_hat / draw uniformly".
   RGAS (DiDi eq. 10-11):        the MDLM step guided by a DiDi-Instruct discriminator: tilted x0 logits in the
                                 first steps, the best of M candidates in the last ones.
 
-Every draw is made in float64 (Zheng et al. 2024, IDLM App. F): float32 Gumbel noise truncates the tail and lowers
-the effective temperature, which flatters generative perplexity. Each step has two implementations, tested against
-each other in distribution (tests/test_sample.py): the reference builds the (B, L, V) float64 posterior and inverts
-its CDF; the fused step (the default) decides per position, from per-position scalars, whether it changes, then
-draws only the changed positions by a float64 Gumbel-max. Its float64 work visits the logits --block numbers at a
-time, many rows per kernel: memory O(block), and about B L V / block visits whatever B, L and V are.
+Every draw is float64 (Zheng et al. 2024, IDLM App. F): float32 Gumbel noise truncates the tail and lowers the
+effective temperature, which flatters generative perplexity. The reference step builds the (B, L, V) float64
+posterior; the fused step (default, tested against it in distribution) decides per position whether it changes,
+then draws only those positions by a float64 Gumbel-max, visiting the logits --block numbers at a time, many rows
+per kernel: memory O(block), about B L V / block visits. Batch j (sequences j B to j B + B - 1) draws its noise
+from (--seed, j B), and torchrun gives each process a run of whole batches: any number of processes writes the
+same file.
 
-Batch j holds sequences j B ... (j + 1) B - 1 and draws its noise from (--seed, j B). Under torchrun each process
-takes a run of whole batches, so any number of processes writes the same file for the same seed.
-
-Where this differs from the papers. The grid is processes.time_grid(K) except that the last step lands on s = 0
-exactly: every remaining mask is unmasked (MDLM), SEDD takes its denoising step to sigma = 0, and the uniform
-posterior becomes p(x | z_t). So every sampler makes exactly K network calls (fewer with MDLM's cache, one more
-with Duo's greedy tail), and a K-step student meets a K-step teacher at equal cost. --temperature T draws tokens
-from x0_hat^(1/T) (SEDD's scores keep their total mass, so T changes which token, not whether a position unmasks):
-the papers sample at T = 1, and a tempered teacher is the baseline a student must beat at equal entropy
-(RESULTS.md, "Temperature").
+Where this differs from the papers: the last step lands on s = 0 exactly, so every remaining mask is unmasked
+(MDLM), SEDD takes its denoising step to sigma = 0, the uniform posterior becomes p(x | z_t), and every sampler
+makes exactly K network calls (fewer with MDLM's cache, one more with Duo's greedy tail): a K-step student meets a
+K-step teacher at equal cost. --temperature T draws from x0_hat^(1/T) (SEDD keeps its score mass, so T changes
+which token, not whether a position unmasks); the papers sample at T = 1, and a tempered teacher is the baseline a
+student must beat at equal entropy (RESULTS.md, "Temperature").
 """
 
 import os
@@ -65,14 +61,14 @@ kind = 'mdlm'             # only with --ckpt exact: mdlm | sedd | duo (duo = UDL
 data = 'synthetic'        # only with --ckpt exact: the synthetic data folder whose language is sampled
 steps = 64                # K: network calls per sequence
 num_samples = 64          # in total, over all processes
-batch_size = 0            # sequences per network call; 0: 64, fewer where the logits would pass 2^30 numbers (batch_for)
+batch_size = 0            # sequences per network call; 0: 64, or fewer at large L V (batch_for)
 seed = 0                  # batch j draws its noise from (seed, j * batch_size), on any number of processes
 out = ''                  # default: <ckpt folder>/samples_<steps>.npy (decoded text beside it, as .txt)
 fused = True              # False: the reference sampler (full float64 posteriors), slow but obviously right
 sampler = 'analytic'      # SEDD only: analytic | euler
 greedy_tail = False       # Duo only: end with every token set to argmax x0_hat (lower entropy)
 temperature = 1.0         # draw tokens from x0_hat^(1/T) (temper); < 1 trades entropy for GenPPL
-block = 2 ** 22           # numbers per visit of a fused step's float64 work: its memory, and the size of its kernels
+block = 0                 # numbers per visit of a fused step's float64 work (its memory); 0: default_block
 device = 'auto'
 progress = True
 rgas = False              # MDLM only: reward-guided ancestral sampling with a DiDi-Instruct discriminator (eq. 10-11)
@@ -89,7 +85,6 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') an
 
 KINDS = ('mdlm', 'sedd', 'duo')
 F64 = torch.float64
-BLOCK = block
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,55 +98,59 @@ def categorical(probs, generator):
     return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
 
+def default_block(device):
+    """Numbers per visit of a fused step: 2^20 on a CPU (an 8 MiB float64 buffer, 20 rows at V = 50k, stays in its
+    last-level cache); 2^24 on a GPU, where a step at B L = 16k positions and V = 50k is then about 50 visits."""
+    return 2 ** 24 if torch.device(device).type == 'cuda' else 2 ** 20
+
+
 def visits(n, width, block):
-    """[0, n) as at most ceil(n * width / block) slices of near-equal length: n rows (or columns) of `width` numbers
-    each, visited about `block` numbers at a time, at least one row per visit. -> list of slices"""
+    """[0, n) as at most ceil(n * width / block) near-equal slices: n rows (or columns) of `width` numbers each,
+    visited about `block` numbers (at least one row) at a time. -> list of slices"""
     count = max(1, (n * width + block - 1) // block)
     per = max(1, -(-n // count))
     return [slice(i, min(i + per, n)) for i in range(0, n, per)]
 
 
-def gumbel_argmax(log_weights, generator, rows=None, block=BLOCK):
+def gumbel_argmax(log_weights, generator, rows=None, block=0):
     """One categorical draw per row, proportional to exp(log_weights), by the Gumbel-max trick in float64:
     argmax_y (l_y + g_y), g_y = -log(-log u_y). log_weights (R, V), any float dtype, unnormalised, -inf allowed;
     rows: the (M,) rows to draw, default all. -> (M,) long (a row that is all -inf returns 0).
 
     All M rows are visited together, a slice of columns at a time (about M V / block visits), with a running max.
-    The noise is generated column by column (M numbers per column), so on CPU the same generator gives the same
-    draws for every block."""
-    device = log_weights.device
+    The noise comes column by column (M numbers each), so on CPU the draws are the same for every block."""
+    device, block = log_weights.device, block or default_block(log_weights.device)
     rows = torch.arange(log_weights.shape[0], device=device) if rows is None else rows
     best = torch.full((len(rows),), -torch.inf, dtype=F64, device=device)
     best_id = torch.zeros(len(rows), dtype=torch.long, device=device)
     for cols in visits(log_weights.shape[1], len(rows), block):
         g = torch.rand(cols.stop - cols.start, len(rows), dtype=F64, generator=generator, device=device)  # (C, M)
         g.log_().neg_().log_().neg_()                                                  # Gumbel noise
-        value, index = g.add_(log_weights[rows, cols].T).max(0)                        # (M,) best in these columns
+        value, index = g.add_(log_weights[:, cols].index_select(0, rows).T).max(0)     # (M,) best in these columns
         better = value > best
         best = torch.where(better, value, best)
         best_id = torch.where(better, index + cols.start, best_id)
     return best_id
 
 
-def logsumexp_rows(log_weights, rows=None, block=BLOCK):
+def logsumexp_rows(log_weights, rows=None, block=0):
     """log sum_y exp(l_y) in float64 for the given rows of log_weights (R, V), default all. -> (M,) float64
-
-    The rows are visited about block / V at a time (about M V / block visits) through one float64 buffer, so memory
-    is O(block + V) whatever M is."""
-    V, device = log_weights.shape[1], log_weights.device
-    parts = visits(log_weights.shape[0] if rows is None else len(rows), V, block)
-    result = torch.empty(parts[-1].stop if parts else 0, dtype=F64, device=device)
+    The rows are visited about block / V at a time (about M V / block visits) through one float64 buffer."""
+    V, device, block = log_weights.shape[1], log_weights.device, block or default_block(log_weights.device)
+    M = log_weights.shape[0] if rows is None else len(rows)
+    parts = visits(M, V, block)
+    result = torch.empty(M, dtype=F64, device=device)
     buffer = torch.empty(parts[0].stop if parts else 0, V, dtype=F64, device=device)   # the first visit is the longest
     for part in parts:
         x = buffer[:part.stop - part.start]
-        x.copy_(log_weights[part] if rows is None else log_weights[rows[part]])          # (r, V) float64
+        x.copy_(log_weights[part] if rows is None else log_weights.index_select(0, rows[part]))   # (r, V) float64
         top = x.amax(-1, keepdim=True)
         top.masked_fill_(top == -torch.inf, 0.0)                                          # a row of -inf gives -inf
         result[part] = x.sub_(top).exp_().sum(-1).log_().add_(top[:, 0])
     return result
 
 
-def change_tokens(log_weights, z, change_prob, generator, block=BLOCK):
+def change_tokens(log_weights, z, change_prob, generator, block=0):
     """The fused draw shared by the absorbing samplers: position (b, i) changes with probability change_prob
     (B, L) float64, and then takes a token drawn from exp(log_weights) (B, L, N). Untouched positions keep z."""
     u = torch.rand(z.shape, dtype=F64, generator=generator, device=z.device)
@@ -164,22 +163,16 @@ def change_tokens(log_weights, z, change_prob, generator, block=BLOCK):
 # ----------------------------------------------------------------------------------------------------------------
 # One step of each sampler: the full posterior (reference) and the fused draw
 
-def x0_probs(out):
-    """The network's log x0_hat (B, L, V) as float64 probabilities, normalised in float64. (The reference only.)"""
-    return torch.softmax(out.to(F64), dim=-1)
-
-
 def mdlm_posterior(out, z, alpha_s, alpha_t):
     """q(z_s | z_t, x0_hat), DiDi eq. 2 (processes.Absorbing.posterior): a masked token stays masked with
     prob (1 - alpha_s)/(1 - alpha_t), else becomes y with prob (alpha_s - alpha_t) x0_hat_y/(1 - alpha_t).
     out: SUBS log x0_hat (B, L, N + 1). -> (B, L, N + 1) float64"""
-    return Absorbing(out.shape[-1] - 1).posterior(z, x0_probs(out), alpha_s, alpha_t)
+    return Absorbing(out.shape[-1] - 1).posterior(z, torch.softmax(out.to(F64), -1), alpha_s, alpha_t)
 
 
-def mdlm_step(out, z, alpha_s, alpha_t, generator, fused=True, block=BLOCK):
+def mdlm_step(out, z, alpha_s, alpha_t, generator, fused=True, block=0):
     """One MDLM ancestral step t -> s (DiDi eq. 2). Fused: unmask each masked position with probability
-    (alpha_s - alpha_t)/(1 - alpha_t), then draw its token from x0_hat. SUBS gives the mask zero mass, so the mask
-    column (id N, the last) is simply left out of the draw."""
+    (alpha_s - alpha_t)/(1 - alpha_t), then draw its token from x0_hat without the mask column (SUBS: no mass)."""
     if not fused:
         return categorical(mdlm_posterior(out, z, alpha_s, alpha_t), generator)
     mask_id = out.shape[-1] - 1
@@ -201,7 +194,7 @@ def sedd_posterior(out, z, coef, final):
     return torch.where((z == mask_id)[..., None], probs, keep)
 
 
-def sedd_step(out, z, coef, final, generator, fused=True, block=BLOCK):
+def sedd_step(out, z, coef, final, generator, fused=True, block=0):
     """One SEDD step with log-scores out (B, L, N + 1); coef: analytic or Euler (sedd_coefficient). Fused:
     P(change) = min(1, coef * sum_{y != m} s_y) from a float64 logsumexp over the masked rows only, then the new
     token ~ s_y. final: the denoising step to sigma = 0, which unmasks every remaining position."""
@@ -218,14 +211,13 @@ def sedd_step(out, z, coef, final, generator, fused=True, block=BLOCK):
 def duo_posterior(out, z, alpha_s, alpha_t):
     """q(z_s | z_t, x0_hat) of the uniform process (processes.Uniform.posterior, Bayes' rule with x0_hat in
     place of x0). out: log x0_hat (B, L, N). -> (B, L, N) float64"""
-    return Uniform(out.shape[-1]).posterior(z, x0_probs(out), alpha_s, alpha_t)
+    return Uniform(out.shape[-1]).posterior(z, torch.softmax(out.to(F64), -1), alpha_s, alpha_t)
 
 
 def duo_mixture(x0_at_z, alpha_s, alpha_t, N):
-    """The uniform posterior as a 3-way mixture c_stay onehot(z_t) + c_x x0_hat + c_u uniform, per position:
-    D = N a_t x_i + 1 - a_t, c_stay = (N a_t x_i + a_t/a_s - a_t)/D, c_x = (a_s - a_t)/D,
-    c_u = (1 - a_t/a_s)(1 - a_s)/D, with x_i = x0_hat at the current token, x0_at_z (B, L) float64.
-    (Uniform.posterior's numerator, grouped by its three vectors; the three sum to one.)"""
+    """The uniform posterior as a 3-way mixture c_stay onehot(z_t) + c_x x0_hat + c_u uniform (Uniform.posterior's
+    numerator grouped by its three vectors): D = N a_t x_i + 1 - a_t, c_stay = (N a_t x_i + a_t/a_s - a_t)/D,
+    c_x = (a_s - a_t)/D, c_u = (1 - a_t/a_s)(1 - a_s)/D; x_i = x0_hat at the current token, x0_at_z (B, L)."""
     D = N * alpha_t * x0_at_z + 1 - alpha_t
     c_stay = (N * alpha_t * x0_at_z + alpha_t / alpha_s - alpha_t) / D
     c_x = (alpha_s - alpha_t) / D
@@ -233,7 +225,7 @@ def duo_mixture(x0_at_z, alpha_s, alpha_t, N):
     return c_stay, c_x, c_u
 
 
-def duo_step(out, z, alpha_s, alpha_t, generator, fused=True, block=BLOCK):
+def duo_step(out, z, alpha_s, alpha_t, generator, fused=True, block=0):
     """One Duo / UDLM ancestral step t -> s. Fused: pick the mixture component per position (duo_mixture), then
     draw tokens from x0_hat (Gumbel-max) only where the component is x0_hat, uniformly where it is 'uniform'.
     x_i needs x0_hat normalised in float64: one logsumexp over every row."""
@@ -289,10 +281,8 @@ def sedd_coefficient(sampler, plan, k):
 
 def temper(out, kind, temperature):
     """The network's output with x0_hat replaced by x0_hat^(1/T), renormalised over the N real tokens at every
-    position. MDLM and Duo: out is log x0_hat (an MDLM's mask column and its one-hot carry-over at unmasked positions
-    stay as they are). SEDD: out holds log-scores l_y = log x0_hat_y + log-mass, and the tempered scores keep that
-    total mass, so the chance that a position unmasks this step is the untempered one. T = 1 returns out itself;
-    any other T makes a float64 copy of out (B, L, V), which at GPT-2's vocabulary wants a smaller --batch_size."""
+    position (an MDLM's mask column and carry-over stay). SEDD: the tempered log-scores keep their total mass, so
+    whether a position unmasks does not change. T = 1 returns out itself, any other T float64 copies (B, L, V)."""
     if temperature == 1.0:
         return out
     if kind == 'duo':
@@ -324,10 +314,9 @@ def call_network(net, z, sigma):
 
 def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tail, cache, block, bar=None,
                  temperature=1.0):
-    """Run the K steps on one batch from pure noise. cache: the network ignores sigma (MDLM's released model, and
-    the exact absorbing denoiser), so its output changes only where z changed: rows of the batch that did not
-    change since the last call keep their output, and a step where no row changed makes no call.
-    Returns (z (B, L) long, number of network calls)."""
+    """The K steps on one batch from pure noise. cache: the network ignores sigma (MDLM's released model, the exact
+    absorbing denoiser), so rows of the batch that did not change since the last call keep their output, and a step
+    where no row changed makes no call. -> (z (B, L) long, number of network calls)"""
     device = generator.device
     if kind == 'duo':
         z = torch.randint(0, N, (B, L), generator=generator, device=device)    # the uniform prior at t = 1
@@ -350,32 +339,32 @@ def sample_batch(net, kind, B, L, N, plan, generator, fused, sampler, greedy_tai
     return z, calls
 
 
+def require(checks):
+    """Raise ValueError with the message of the first (condition, message) whose condition is false."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 @torch.no_grad()
 def generate(net, kind, num_samples, seq_len, steps, N, generator, batch_size=64, fused=True, sampler=None,
-             greedy_tail=False, time_conditioned=None, schedule='loglinear', block=BLOCK, progress=True,
+             greedy_tail=False, time_conditioned=None, schedule='loglinear', block=0, progress=True,
              temperature=1.0):
-    """Sample num_samples sequences of seq_len tokens in `steps` steps from the denoiser net (see the module
-    docstring). kind: 'mdlm' | 'sedd' | 'duo'; N real tokens (absorbing models add mask id N); generator: one
-    torch.Generator that the batches draw from in turn, or a function b0 -> torch.Generator that gives the batch
-    starting at sequence b0 its own noise (batch_noise); sampler (SEDD): 'analytic' (default) | 'euler'; schedule:
-    'loglinear', or a DuoObjective for a Duo model; time_conditioned: None reads net.config.time_conditioning (or
-    net.time_conditioned), and only False allows caching (MDLM); temperature: tokens are drawn from x0_hat^(1/T)
-    (temper). Everything runs on the generator's device. Returns (LongTensor (num_samples, seq_len), NFE = network
-    calls per batch, averaged over batches)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be above 0 (1 samples the model as it is), got {temperature!r}")
+    """num_samples sequences of seq_len tokens in `steps` steps from the denoiser net (module docstring), on the
+    generator's device. kind: 'mdlm' | 'sedd' | 'duo'; N real tokens (absorbing models add mask id N); generator:
+    one torch.Generator for every batch in turn, or b0 -> the generator of the batch starting at sequence b0
+    (my_batches); sampler (SEDD): 'analytic' | 'euler'; schedule: 'loglinear', or a Duo model's DuoObjective;
+    time_conditioned: None reads net.config.time_conditioning, and only False allows MDLM's cache; temperature: draw
+    from x0_hat^(1/T) (temper). -> (LongTensor (num_samples, seq_len), NFE: network calls per batch, on average)"""
     sampler = sampler or ('analytic' if kind == 'sedd' else 'ancestral')
     allowed = ('analytic', 'euler') if kind == 'sedd' else ('ancestral',)
-    if sampler not in allowed:
-        raise ValueError(f"the {kind} sampler is one of {', '.join(allowed)}, got {sampler!r}")
-    if greedy_tail and kind != 'duo':
-        raise ValueError("greedy_tail is Duo's option; absorbing samplers end with no noise left")
-    if schedule != 'loglinear' and kind != 'duo':
-        raise ValueError("absorbing samplers use the log-linear schedule; a DuoObjective schedule is for kind 'duo'")
+    require([(kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {kind!r}"),
+             (isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}"),
+             (temperature > 0, f"temperature must be above 0 (1 samples the model as it is), got {temperature!r}"),
+             (sampler in allowed, f"the {kind} sampler is one of {', '.join(allowed)}, got {sampler!r}"),
+             (not greedy_tail or kind == 'duo', "greedy_tail is Duo's option; absorbing samplers end with no noise"),
+             (schedule == 'loglinear' or kind == 'duo', "absorbing samplers use the log-linear schedule; a "
+                                                        "DuoObjective schedule is for kind 'duo'")])
     if time_conditioned is None:
         config = getattr(net, 'config', None)
         time_conditioned = getattr(config, 'time_conditioning', getattr(net, 'time_conditioned', True))
@@ -385,25 +374,17 @@ def generate(net, kind, num_samples, seq_len, steps, N, generator, batch_size=64
     batches = range(0, num_samples, batch_size)
     bar = tqdm(total=len(batches) * steps, desc=f"sample {kind} K={steps}", disable=not progress,
                dynamic_ncols=True, mininterval=2)
-    samples, calls = [], []
-    for b0 in batches:
-        B = min(batch_size, num_samples - b0)
-        z, c = sample_batch(net, kind, B, seq_len, N, plan, noise(b0), fused, sampler, greedy_tail, cache, block, bar,
-                            temperature)
-        samples.append(z)
-        calls.append(c)
+    runs = [sample_batch(net, kind, min(batch_size, num_samples - b0), seq_len, N, plan, noise(b0), fused, sampler,
+                         greedy_tail, cache, block, bar, temperature) for b0 in batches]
     bar.close()
-    nfe = sum(calls) / max(1, len(calls))
-    return torch.cat(samples) if samples else torch.zeros(0, seq_len, dtype=torch.long), nfe
+    samples = torch.cat([z for z, _ in runs]) if runs else torch.zeros(0, seq_len, dtype=torch.long)
+    return samples, sum(calls for _, calls in runs) / max(1, len(runs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reward-guided ancestral sampling (RGAS; DiDi-Instruct eq. 10-11, Algorithm 2, App. F.3), MDLM denoisers only
-#
-# A DiDi-Instruct discriminator (model.Discriminator) scores how teacher-like a partly masked sequence is; its
-# log-ratio, averaged over the masked positions, is the reward R (DiDi eq. 6). The first steps tilt the student's
-# x0 logits along the gradient of R (h > 0, one draw); the last steps draw M candidates of the plain step and keep
-# one with probability softmax(R). With h = 0 and M = 1 it is the ancestral sampler above, draw for draw.
+# Reward-guided ancestral sampling (RGAS; DiDi-Instruct eq. 10-11, Algorithm 2, App. F.3), MDLM denoisers only:
+# the reward R (DiDi eq. 6) is a DiDi-Instruct discriminator's log-ratio averaged over the masked positions. With
+# h = 0 and M = 1 it is the ancestral sampler above, draw for draw.
 
 def rgas_plan(steps, tilt_fraction, h_max, candidates):
     """(h, M) for each step: the first int(steps * tilt_fraction) steps tilt, h ramped linearly from 0 to h_max,
@@ -415,10 +396,7 @@ def rgas_plan(steps, tilt_fraction, h_max, candidates):
 def reward_gradient(disc, z, sigma, reward='mean'):
     """grad R(z, t) of eq. 10: the gradient of the reward of eq. 6 (the discriminator's log-ratio averaged over the
     masked positions of z (B, L)) with respect to its one-hot input onehot(z) (B, L, V). Entry (l, y) says, to first
-    order, how much more teacher-like the sequence gets if position l holds y. (The mean matters: with a
-    discriminator distilled from the CPU teacher, the gradient of the SUM over masked positions had median |entry|
-    about 1, so h * clamp(., -1, 1) with h = 30 swamped the student's logits and RGAS raised GenPPL.)
-    -> (B, L, V) float32, like the network's logits"""
+    order, how much more teacher-like the sequence gets if position l holds y. -> (B, L, V) float32, like logits"""
     with torch.enable_grad():
         x = torch.nn.functional.one_hot(z, disc.config.vocab_size).float().requires_grad_(True)
         logits = call_network(disc, x, sigma)                                          # (B, L)
@@ -427,10 +405,9 @@ def reward_gradient(disc, z, sigma, reward='mean'):
 
 
 def tilt(out, z, grad, h):
-    """eq. 10's tilted denoiser: log x0_hat + h * clamp(grad, -1, 1) at masked positions (the gradient clamp is the
-    public code's). Unmasked rows (carry-over) and the mask column are left as they are. These are logits, in the
-    network's float32 like its own output; the draw from them stays float64 (mdlm_step), and no (B, L, V) float64
-    tensor is built. out: SUBS log x0_hat (B, L, N + 1). -> (B, L, N + 1) unnormalised log-weights"""
+    """eq. 10's tilted denoiser: log x0_hat + h * clamp(grad, -1, 1) at masked positions (the clamp is the public
+    code's); unmasked rows and the mask column stay. Logits in the network's dtype; the draw from them is float64
+    (mdlm_step). out: SUBS log x0_hat (B, L, N + 1). -> (B, L, N + 1) unnormalised log-weights"""
     mask_id = out.shape[-1] - 1
     step = (h * grad.to(out.dtype).clamp(-1, 1)).masked_fill((z != mask_id)[..., None], 0.0)
     step[..., mask_id] = 0.0
@@ -440,8 +417,7 @@ def tilt(out, z, grad, h):
 def rerank(disc, candidates, sigma_s, generator, select='max', reward='mean'):
     """eq. 11: for each sequence, one of its M candidate states (M, B, L), by the reward R(z^(m), t_s)
     (model.discriminator_reward, in float64): select='max' keeps the highest ("selecting the one with the highest
-    reward", App. F.3), 'softmax' draws one with probabilities softmax over m. Candidates differ in about 1/K of
-    their positions, so their mean rewards are close and a softmax over them is nearly uniform. -> (B, L)"""
+    reward", App. F.3), 'softmax' draws one with probabilities softmax over m. -> (B, L)"""
     M, B, L = candidates.shape
     flat = candidates.reshape(M * B, L)
     logits = call_network(disc, flat, sigma_s.expand(M * B)).to(F64)                   # (M B, L)
@@ -471,19 +447,18 @@ def rgas_batch(net, disc, B, L, N, plan, schedule, generator, fused, block, sele
 
 @torch.no_grad()
 def generate_rgas(net, disc, num_samples, seq_len, steps, N, generator, batch_size=64, h_max=30.0,
-                  tilt_fraction=0.5, candidates=4, fused=True, block=BLOCK, progress=True, select='max', reward='mean'):
+                  tilt_fraction=0.5, candidates=4, fused=True, block=0, progress=True, select='max', reward='mean'):
     """generate() for an MDLM denoiser net (a DiDi-Instruct student, or any other) guided by the discriminator
     disc (model.Discriminator over the same N + 1 tokens); generator as in generate; select and reward: see
     rerank. Returns (LongTensor (num_samples, seq_len), NFE = student calls per sequence = steps; the
     discriminator's calls come on top)."""
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if candidates < 1 or not 0 <= tilt_fraction <= 1 or h_max < 0:
-        raise ValueError("RGAS needs candidates >= 1, a tilt fraction in [0, 1] and h >= 0")
-    if select not in ('max', 'softmax') or reward not in ('mean', 'sum'):
-        raise ValueError(f"RGAS selects by 'max' or 'softmax' of a 'mean' or 'sum' reward, not {select!r} / {reward!r}")
-    if disc.config.vocab_size != N + 1:
-        raise ValueError(f"the discriminator reads {disc.config.vocab_size - 1} tokens, the sampled model {N}")
+    require([(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}"),
+             (candidates >= 1 and 0 <= tilt_fraction <= 1 and h_max >= 0,
+              "RGAS needs candidates >= 1, a tilt fraction in [0, 1] and h >= 0"),
+             (select in ('max', 'softmax') and reward in ('mean', 'sum'),
+              f"RGAS selects by 'max' or 'softmax' of a 'mean' or 'sum' reward, not {select!r} / {reward!r}"),
+             (disc.config.vocab_size == N + 1,
+              f"the discriminator reads {disc.config.vocab_size - 1} tokens, the sampled model {N}")])
     noise = generator if callable(generator) else lambda b0: generator
     plan, schedule = time_plan(steps, 'loglinear', noise(0).device), rgas_plan(steps, tilt_fraction, h_max, candidates)
     batches = range(0, num_samples, batch_size)
@@ -520,11 +495,9 @@ def duo_schedule(config, N):
 
 
 class StudentScores(torch.nn.Module):
-    """A SEDD student distilled by IDLM (distill_idlm.py) read as SEDD log-scores with the exact total mass.
-    Its training sees only x0_hat = softmax over y != m of its log-scores at masked positions (the per-position
-    total mass is a direction the loss cannot see, so it drifts from the teacher's), hence the step uses the
-    score that x0_hat implies, l_y = log x0_hat_y - log expm1(sigma) (processes-and-losses.md); with it, the SEDD
-    analytic step is the MDLM ancestral step. Unmasked positions are left as they are (the sampler keeps them)."""
+    """A SEDD student distilled by IDLM (distill_idlm.py) read through its x0_hat = softmax over y != m of its
+    log-scores (the loss cannot see their total mass), as the scores l_y = log x0_hat_y - log expm1(sigma) that
+    x0_hat implies; with them the SEDD analytic step is the MDLM ancestral step. Unmasked positions stay as they are."""
 
     def __init__(self, net):
         super().__init__()
@@ -540,10 +513,9 @@ class StudentScores(torch.nn.Module):
 
 
 def load_sampler(ckpt_path, device, teacher_kind=None):
-    """A checkpoint (ours, or an official one: official.load_model) as something to sample: (net, kind, N, seq_len,
-    data meta, schedule), with the EMA weights in eval mode on device. kind is the checkpoint's 'teacher' field
-    (students store it too; teacher_kind says it for an official file that does not); schedule is 'loglinear', or
-    the DuoObjective whose alpha(t) a Duo model was trained with. A SEDD student comes wrapped in StudentScores."""
+    """A checkpoint (ours, or official: official.load_model) as (net, kind, N, seq_len, data meta, schedule), EMA
+    weights in eval mode on device. kind: its 'teacher' field (teacher_kind for an official file without one);
+    schedule: 'loglinear', or a Duo model's DuoObjective. A SEDD student comes wrapped in StudentScores."""
     net, ckpt = official.load_model(ckpt_path, which='ema', kind=teacher_kind or None)
     kind = ckpt.get('teacher')
     if kind == 'ar':
@@ -596,18 +568,13 @@ def batch_for(V, L, numbers=2 ** 30):
     return B
 
 
-def my_sequences(num_samples, batch_size, rank, world):
-    """[first, last): this rank's sequences, a run of whole batches (the last batch may be short), the ranks in
-    order and as even as whole batches allow, so that every batch starts where it would in one process."""
+def my_batches(num_samples, batch_size, seed, rank, world, device):
+    """(first, last, noise): this rank's sequences [first, last), a run of whole batches that start where they would
+    in one process (the ranks in order, as even as whole batches allow), and noise(b0), the generator of the batch
+    that starts at its sequence b0: common.step_generator(seed, first + b0), by the global index alone."""
     batches = -(-num_samples // batch_size)
-    first, last = -(-batches * rank // world), -(-batches * (rank + 1) // world)
-    return first * batch_size, min(num_samples, last * batch_size)
-
-
-def batch_noise(seed, first, device):
-    """b0 -> the generator of the batch that starts at sequence b0 of a share beginning at global sequence first:
-    common.step_generator(seed, first + b0), so a sequence's noise depends on its global index, not on the process."""
-    return lambda b0: common.step_generator(seed, first + b0, device=device)
+    first, last = (-(-batches * r // world) * batch_size for r in (rank, rank + 1))
+    return first, min(num_samples, last), lambda b0: common.step_generator(seed, first + b0, device=device)
 
 
 def gather_samples(x, world):
@@ -660,28 +627,26 @@ def main(argv=None):
     cfg = common.configure(DEFAULTS, argv)
     if cfg['export_hf']:
         return export(cfg)
-    if cfg['num_samples'] < 1 or cfg['steps'] < 1 or cfg['block'] < 1 or cfg['batch_size'] < 0:
-        raise UserError("--num_samples, --steps and --block must be at least 1, --batch_size at least 0 (0: automatic)")
+    if cfg['num_samples'] < 1 or cfg['steps'] < 1 or min(cfg['batch_size'], cfg['block']) < 0:
+        raise UserError("--num_samples and --steps must be at least 1, --batch_size and --block at least 0 (automatic)")
     if cfg['rgas'] and cfg['temperature'] != 1.0:
         raise UserError("--temperature applies to the plain sampler, not to --rgas; drop one of the two")
     rank, world, device = common.setup_distributed(cfg['device'])
     net, kind, N, L, meta, schedule, folder = open_target(cfg, rank, world, device)
     B = cfg['batch_size'] or batch_for(N + 1, L)
-    first, last = my_sequences(cfg['num_samples'], B, rank, world)
-    share, noise = last - first, batch_noise(cfg['seed'], first, device)
+    first, last, noise = my_batches(cfg['num_samples'], B, cfg['seed'], rank, world, device)
+    share = last - first
+    both = dict(batch_size=B, fused=cfg['fused'], block=cfg['block'], progress=cfg['progress'] and rank == 0)
     start = time.time()
     try:
         if cfg['rgas']:
             x, nfe = generate_rgas(net, rgas_discriminator(cfg, kind, N, device), share, L, cfg['steps'], N, noise,
-                                   batch_size=B, h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'],
-                                   candidates=cfg['rgas_candidates'], fused=cfg['fused'], block=cfg['block'],
-                                   progress=cfg['progress'] and rank == 0, select=cfg['rgas_select'],
-                                   reward=cfg['rgas_reward'])
+                                   h_max=cfg['rgas_h'], tilt_fraction=cfg['rgas_tilt'], select=cfg['rgas_select'],
+                                   candidates=cfg['rgas_candidates'], reward=cfg['rgas_reward'], **both)
         else:
-            x, nfe = generate(net, kind, share, L, cfg['steps'], N, noise, batch_size=B, fused=cfg['fused'],
-                              sampler=cfg['sampler'] if kind == 'sedd' else None, greedy_tail=cfg['greedy_tail'],
-                              schedule=schedule, block=cfg['block'], progress=cfg['progress'] and rank == 0,
-                              temperature=cfg['temperature'])
+            x, nfe = generate(net, kind, share, L, cfg['steps'], N, noise, sampler=cfg['sampler'] if kind == 'sedd'
+                              else None, greedy_tail=cfg['greedy_tail'], schedule=schedule,
+                              temperature=cfg['temperature'], **both)
     except ValueError as e:
         raise UserError(str(e)) from None
     seconds = time.time() - start

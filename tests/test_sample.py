@@ -391,17 +391,16 @@ def test_two_processes_write_the_samples_of_one_process(tiny_data, tmp_path):
 
 def test_samples_do_not_depend_on_the_number_of_processes(tiny):
     """Every world size from 1 to 5 splits the batches into runs that start where they would in one process, and
-    batch j draws from (seed, j B), so the ranks' samples, in rank order, are one process's samples. The first batch
-    draws what one process drew before this rule (common.step_generator(seed, 0)), so a run of one batch is unchanged."""
+    batch j draws from (seed, j B), so the ranks' samples, in rank order, are one process's samples. The first
+    batch draws what one process drew before this rule (step_generator(seed, 0)): one batch's samples are unchanged."""
     lang, _ = tiny
     net = sample.exact_denoiser(lang, 'sedd')
     n, B, seed = 11, 3, 5
 
     def share(rank, world):
-        first, last = sample.my_sequences(n, B, rank, world)
+        first, last, noise = sample.my_batches(n, B, seed, rank, world, 'cpu')
         assert first % B == 0
-        return sample.generate(net, 'sedd', last - first, 4, 6, 4, sample.batch_noise(seed, first, 'cpu'),
-                               batch_size=B, progress=False)[0]
+        return sample.generate(net, 'sedd', last - first, 4, 6, 4, noise, batch_size=B, progress=False)[0]
 
     one = share(0, 1)
     for world in range(2, 6):

@@ -5,8 +5,10 @@ side by side on the same (possibly busy) machine.
     python bench.py                              # N = 50257 (GPT-2) and 64 (synthetic); L = 256, B = 8, K = 1024
     python bench.py --vocab_sizes 64 --steps 64  # a quick run
     python bench.py --out bench.md               # the same report, also as a markdown file (for the README)
+    python bench.py --dry_run owt                # the papers' shapes once on random weights (section 5; CPU: ~15 min)
+    python bench.py --gpu_check true             # on a GPU machine: the tests, then the dry run, into gpu_check.md
 
-Sampling runs in float64 (reference/processes-and-losses.md, "Precision"; Zheng et al. 2024, IDLM App. F): float32
+Sampling runs in float64 (Zheng et al. 2024; IDLM App. F): float32
 Gumbel noise truncates the tail and lowers the effective temperature, which flatters GenPPL. Built naively, a step
 makes the posterior (B, L, V) in float64, 0.8 GB at V = 50258, B = 8, L = 256, and several such tensors on the way;
 sample.py's fused step decides per position which tokens change and draws only those, so it never does.
@@ -36,12 +38,27 @@ sample.py's fused step decides per position which tokens change and draws only t
    machine's load hits both. Target (IDLM issue): IDLM / teacher <= 3.5. For an MDLM teacher a DiDi-Instruct
    iteration (distill_didi.iteration: rollout, discriminator update, student update) joins the rotation at the
    same batch, for the DiDi / IDLM ratio.
+5. The real-shape dry run: the 169M DiT at L = 1024 and V = 50258 with dropout 0.1, random weights written in the
+   official Hugging Face layouts and read back by official.py, GPT-2 BPE data made from Python's docs in the
+   OpenWebText format. Per teacher (MDLM, Duo, SEDD): a teacher-training step, one IDLM iteration with its OWT config
+   at micro-batch 1, SDTT's or DCD's step, DiDi's iteration (MDLM), fused sampling with the network; then the GPT-2
+   judge at GPT-2 Large's shape and a Hugging Face export read back. Each phase: wall time, and its peak memory
+   (CPU: the resident set's peak; CUDA: the allocator's) also in units of one (B, L, V) float32 tensor.
 On CUDA every timer is bracketed by torch.cuda.synchronize(). Only ratios carry over between machines.
 """
 
 import copy
+import ctypes
+import gc
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from functools import partial
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -50,11 +67,15 @@ import common
 import distill_didi
 import distill_idlm
 import distill_sdtt
+import official
 import sample
 import train
 from common import UserError
-from data import ensure_data, load_data
+from data import R50K_CACHE_NAME, ensure_data, gpt2_encoding, load_data, prepare, pydoc_text
+from gpt2 import CONV1D, GPT2, GPT2Config, GPT2Judge, load_gpt2
 from model import PRESETS, build_model, sedd_log_score, subs_log_probs
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults (override with --key value or --key=value; a positional argument is a config file of `key = value` lines)
@@ -79,6 +100,13 @@ iteration_model = 'cpu'   # DiT preset of section 4 (the CPU teachers')
 iteration_batch = 64      # sequences per update in section 4 (train.py's and distill_idlm.py's default batch)
 iteration_repeats = 10    # alternating timed repeats of each, after one warm-up
 iteration_kinds = 'mdlm,duo,sedd'  # the teachers of section 4
+dry_run = ''              # 'owt': the real-shape dry run (section 5) instead of sections 1-4
+dry_model = 'small'       # its DiT preset: 'small' is the papers' 169M (tests use 'tiny')
+dry_seq_len = 1024        # its L
+dry_batch = 2             # its sequences for the samplers and the judge
+dry_steps = 4             # its fused sampler steps (each with a network call)
+gpu_check = False         # the GPU check: the tests, then the dry run on CUDA, into --out (default gpu_check.md)
+gpu_test_timeout = 360    # seconds the GPU check gives the test suite
 device = 'auto'
 seed = 0
 out = ''                  # also write the report to this markdown file
@@ -220,66 +248,82 @@ def bench_loop(cfg, N, device):
 # ----------------------------------------------------------------------------------------------------------------
 # 4. A distillation iteration against a teacher-training step
 
-def iteration_cases(cfg, kind, device):
-    """{name: closure}: each closure runs one real update from fresh models of the CPU teachers' shape, at the same
-    batch: 'teacher' (train.py's step), 'idlm' (distill_idlm.iteration), 'step' (distill_sdtt's update: SDTT for
-    MDLM, DCD for Duo) and, for MDLM, 'didi' (distill_didi.iteration). The weights are random: their values do not
-    change the cost."""
-    dataset = load_data(ensure_data(cfg['iteration_data']))
-    N = dataset.vocab_size
-    run_cfg = {**train.DEFAULTS, **distill_idlm.DEFAULTS, 'teacher': kind, 'data': cfg['iteration_data'],
-               'model': cfg['iteration_model'], 'batch_size': cfg['iteration_batch'], 'grad_accum': 1}
-    objective = train.teacher_objective(run_cfg, N)
+def iteration_cases(cfg, kind, device, teacher_path='', configs=None):
+    """(dataset, {name: builder}): each builder makes the models of one real update and returns a closure that runs
+    it, at the same batch: 'teacher' (train.py's step), 'idlm' (distill_idlm.iteration), 'step' (distill_sdtt's
+    update: SDTT for MDLM, DCD for Duo) and, for MDLM, 'didi' (distill_didi.iteration). By default the teacher has
+    random weights of the CPU teachers' shape (their values do not change the cost); teacher_path reads one instead
+    (the dry run's official folders), and configs {'idlm': cfg, 'didi': cfg} replace the scripts' defaults."""
+    configs = configs or {}
+    data_dir = ensure_data(cfg['iteration_data'])
+    dataset = load_data(data_dir)
+    N, B = dataset.vocab_size, cfg['iteration_batch']
+    run_cfg = {**train.DEFAULTS, **configs.get('idlm', distill_idlm.DEFAULTS), 'teacher': kind, 'data': data_dir,
+               'model': cfg['iteration_model'], 'batch_size': B, 'grad_accum': 1}
     torch.manual_seed(cfg['seed'])
-    teacher = train.teacher_model(run_cfg, N, dataset.seq_len, objective).to(device)
-    trainee = copy.deepcopy(teacher)
-    trainee_optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4, betas=(0.9, run_cfg['beta2']))
-    teacher.eval().requires_grad_(False)
-    copy_of_teacher = lambda: copy.deepcopy(teacher).train().requires_grad_(True)
-    idlm_state = distill_idlm.make_state(copy_of_teacher(), copy_of_teacher(), run_cfg)
+    if teacher_path:
+        teacher, _, ckpt = train.load_teacher(teacher_path, kind, dataset, data_dir, str(device))
+        run_cfg.update(train.duo_schedule(ckpt))
+        objective = train.teacher_objective(run_cfg, N)
+    else:
+        objective = train.teacher_objective(run_cfg, N)
+        teacher = train.teacher_model(run_cfg, N, dataset.seq_len, objective)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    copy_of_teacher = lambda mode=False: copy.deepcopy(teacher).train(mode).requires_grad_(True)
     counter = iter(range(10 ** 9))
 
-    def teacher_step():  # train.py's loop body, one micro-batch
+    def batch():
         gen = common.step_generator(cfg['seed'], next(counter), device=device)
-        idx = torch.randint(len(dataset.train), (run_cfg['batch_size'],), generator=gen, device=device).cpu()
-        with common.autocast(device):
-            loss = train.batch_loss(trainee, objective, dataset.batch('train', idx).to(device), gen, N,
-                                    by_count=kind == 'mdlm')
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainee.parameters(), run_cfg['grad_clip'])
-        trainee_optimizer.step()
-        trainee_optimizer.zero_grad(set_to_none=True)
+        idx = torch.randint(len(dataset.train), (B,), generator=gen, device=device).cpu()
+        return dataset.batch('train', idx).to(device), gen
 
-    def idlm_iteration():
-        distill_idlm.iteration(idlm_state, teacher, objective, dataset, run_cfg, next(counter), 0, 1, device)
+    def teacher_case():  # train.py's loop body, one micro-batch
+        trainee = copy_of_teacher(True)
+        optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4, betas=(0.9, run_cfg['beta2']))
 
-    cases = {'teacher': teacher_step, 'idlm': idlm_iteration}
-    if kind in distill_sdtt.KINDS:   # one SDTT (MDLM) or DCD (Duo) update, in the first round (dt = 1/1024)
-        student = copy_of_teacher()
-        step_state = distill_sdtt.make_state(student, {**distill_sdtt.DEFAULTS, 'batch_size': cfg['iteration_batch']})
+        def step():
+            x, gen = batch()
+            with common.autocast(device):
+                train.batch_loss(trainee, objective, x, gen, N, by_count=kind == 'mdlm').backward()
+            torch.nn.utils.clip_grad_norm_(trainee.parameters(), run_cfg['grad_clip'])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    def idlm_case():
+        state = distill_idlm.make_state(copy_of_teacher(), copy_of_teacher(), run_cfg)
+        return lambda: distill_idlm.iteration(state, teacher, objective, dataset, run_cfg, next(counter), 0, 1, device)
+
+    def step_case():  # one SDTT (MDLM) or DCD (Duo) update, in the first round (dt = 1/1024)
+        student = copy_of_teacher(True)
+        state = distill_sdtt.make_state(student, {**distill_sdtt.DEFAULTS, 'batch_size': B})
         loss_fn = distill_sdtt.sdtt_loss if kind == 'mdlm' else distill_sdtt.dcd_loss
 
-        def step_iteration():
-            gen = common.step_generator(cfg['seed'], next(counter), device=device)
-            idx = torch.randint(len(dataset.train), (run_cfg['batch_size'],), generator=gen, device=device).cpu()
-            x = dataset.batch('train', idx).to(device)
-            common.accumulate(student, [(x, gen)], lambda x, g: loss_fn(student, teacher, objective, x, 1 / 1024, g,
-                                                                        'kl_bwd'), 1, device)
-            common.update(student, step_state['optimizer'], 1e-4, 1.0)
-            step_state['ema'].update(student)
-        cases['step'] = step_iteration
-    if kind == 'mdlm':  # DiDi-Instruct distills MDLM teachers only
-        didi_cfg = {**distill_didi.DEFAULTS, 'batch_size': cfg['iteration_batch'], 'grad_accum': 1}
+        def step():
+            fn = lambda x, g: loss_fn(student, teacher, objective, x, 1 / 1024, g, 'kl_bwd')
+            common.accumulate(student, [batch()], fn, 1, device)
+            common.update(student, state['optimizer'], 1e-4, 1.0)
+            state['ema'].update(student)
+        return step
+
+    def didi_case():
+        didi_cfg = configs.get('didi', {**distill_didi.DEFAULTS, 'batch_size': B, 'grad_accum': 1})
         disc = distill_didi.make_discriminator(teacher, didi_cfg['disc_trainable_blocks'])
-        didi_state = distill_didi.make_state(copy_of_teacher(), disc, didi_cfg)
-        cases['didi'] = lambda: distill_didi.iteration(didi_state, teacher, dataset, None, didi_cfg, next(counter),
-                                                       0, 1, device, '')
+        state = distill_didi.make_state(copy_of_teacher(), disc, didi_cfg)
+        return lambda: distill_didi.iteration(state, teacher, dataset, None, didi_cfg, next(counter), 0, 1, device, '')
+
+    cases = {'teacher': teacher_case, 'idlm': idlm_case}
+    if kind in distill_sdtt.KINDS:
+        cases['step'] = step_case
+    if kind == 'mdlm':  # DiDi-Instruct distills MDLM teachers only
+        cases['didi'] = didi_case
     return dataset, cases
 
 
 def bench_iterations(cfg, kind, device):
     """Median milliseconds of each case of iteration_cases, timed in alternation (round-robin)."""
-    dataset, cases = iteration_cases(cfg, kind, device)
+    dataset, builders = iteration_cases(cfg, kind, device)
+    cases = {name: build() for name, build in builders.items()}
     for fn in cases.values():                                                              # warm-up
         fn()
     times = {name: [] for name in cases}
@@ -288,6 +332,166 @@ def bench_iterations(cfg, kind, device):
             times[name].append(seconds(fn, device)[0])
     ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
     return dict(teacher=kind, N=dataset.vocab_size, L=dataset.seq_len, ms=ms)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. The real-shape dry run (--dry_run owt) and the GPU check (--gpu_check true)
+
+OFFICIAL_V = 50258        # GPT-2's 50257 tokens + the mask (MDLM, SEDD) or Duo's [PAD]
+JUDGE_SHAPES = {'small': dict(n_embd=1280, n_layer=36, n_head=20)}   # GPT-2 Large; other presets: a tiny judge
+SHARED_BPE = os.path.join(ROOT, '..', 'shared', 'tokenizers', 'r50k_base.tiktoken')
+
+
+def resident(field):
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in bytes (Linux)."""
+    with open('/proc/self/status') as f:
+        return int(next(line for line in f if line.startswith(field + ':')).split()[1]) * 1024
+
+
+def measured(fn, device):
+    """(seconds, peak bytes above what was allocated before) of one call of fn(). CUDA: the allocator's peak; CPU:
+    the resident set's, reset through /proc/self/clear_refs."""
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)   # hand freed heap pages back, so that reusing them shows in the peak
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        before = resident('VmRSS')
+    elapsed = seconds(fn, device)[0]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else resident('VmHWM')
+    return elapsed, peak - before
+
+
+def official_folder(path, kind, cfg):
+    """Random weights at the papers' shape in the official Hugging Face layout, read by official.py as it reads
+    kuleshov-group/mdlm-owt, s-sahoo/duo or louaaron/sedd-small (dropout 0.1, as they bring)."""
+    torch.manual_seed(cfg['seed'])
+    head = {'mdlm': 'subs', 'duo': 'x0', 'sedd': 'sedd'}[kind]
+    net = build_model(cfg['dry_model'], vocab_size=OFFICIAL_V, seq_len=cfg['dry_seq_len'], head=head, dropout=0.1,
+                      mask_id=-1 if kind == 'duo' else OFFICIAL_V - 1, time_conditioning=kind != 'mdlm')
+    with torch.no_grad():                    # off adaLN-zero's init, so that the outputs depend on the input
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    official.export_hf(net, {'teacher': kind}, path)
+    config_path = os.path.join(path, 'config.json')
+    config = json.load(open(config_path))
+    del config['project']                    # the official folders have no field for this project's metadata
+    json.dump(config, open(config_path, 'w'))
+    return path
+
+
+def judge_folder(path, cfg):
+    """Random GPT-2 weights (GPT-2 Large's shape with --dry_model small) in the Hugging Face layout."""
+    torch.manual_seed(cfg['seed'])
+    shape = {**JUDGE_SHAPES.get(cfg['dry_model'], dict(n_embd=32, n_layer=2, n_head=2)), 'vocab_size': 50257,
+             'n_positions': 1024}
+    weights = {'transformer.' + k: (v.t().contiguous() if k.endswith(CONV1D) else v)
+               for k, v in GPT2(GPT2Config(**shape)).state_dict().items()}
+    os.makedirs(path, exist_ok=True)
+    json.dump({'model_type': 'gpt2', **shape}, open(os.path.join(path, 'config.json'), 'w'))
+    official.write_safetensors(os.path.join(path, 'model.safetensors'), weights)
+    return path
+
+
+def owt_data(path, seq_len):
+    """Real text, Python's bundled documentation, in GPT-2's BPE and data.py's OpenWebText format. Without a
+    network and a TIKTOKEN_CACHE_DIR, the BPE file comes from ../shared/tokenizers where there is one."""
+    if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.exists(SHARED_BPE):
+        os.makedirs(os.path.join(path, 'tiktoken'))
+        shutil.copy(SHARED_BPE, os.path.join(path, 'tiktoken', R50K_CACHE_NAME))
+        os.environ['TIKTOKEN_CACHE_DIR'] = os.path.join(path, 'tiktoken')
+        gpt2_encoding.cache_clear()
+    text = os.path.join(path, 'pydoc.txt')
+    with open(text, 'w') as f:
+        f.write(pydoc_text())
+    return prepare('owt', os.path.join(path, 'owt'), files=text, seq_len=seq_len, val_fraction=0.05)
+
+
+def dry_cases(cfg, root, device):
+    """Yields (phase, batch, build): build() loads what the phase needs and returns the closure that is measured.
+    Per official teacher: a teacher-training step, the IDLM iteration of its OWT config (micro-batch 1), SDTT or
+    DCD's step, DiDi's iteration (MDLM) and dry_steps fused sampler steps with the network; then the GPT-2 judge on
+    dry_batch sequences, and a Hugging Face export read back."""
+    data_dir = owt_data(os.path.join(root, 'data'), cfg['dry_seq_len'])
+    B, K = cfg['dry_batch'], cfg['dry_steps']
+    names = {'teacher': 'teacher training step', 'idlm': 'IDLM iteration', 'step': 'SDTT / DCD step',
+             'didi': 'DiDi-Instruct iteration'}
+    for kind in ('mdlm', 'duo', 'sedd'):
+        folder = official_folder(os.path.join(root, kind), kind, cfg)
+        configs = {name: common.configure(module.DEFAULTS, [os.path.join(ROOT, 'config', f'{name}_{kind}_owt.py'),
+                                                           *extra], source=module.__file__)
+                   for name, module, extra in (('idlm', distill_idlm, ['--batch_size=1', '--grad_accum=1']),
+                                               ('didi', distill_didi, ['--batch_size=2', '--group_size=2']))
+                   if kind == 'mdlm' or name == 'idlm'}
+        _, builders = iteration_cases({**cfg, 'iteration_data': data_dir, 'iteration_batch': 1}, kind, device,
+                                      teacher_path=folder, configs=configs)
+        for name, build in builders.items():
+            yield f"{kind}: {names[name]}", 2 if name == 'didi' else 1, build
+        yield f"{kind}: {K} fused sampler steps with the network", B, partial(sampler_case, folder, kind, B, K, device)
+        del builders
+    yield f"GPT-2 judge ({'GPT-2 Large' if cfg['dry_model'] in JUDGE_SHAPES else 'tiny'} shape)", B, \
+        partial(judge_case, os.path.join(root, 'judge'), data_dir, cfg, device)
+    yield "Hugging Face export read back", 1, partial(export_case, os.path.join(root, 'mdlm'), root, device)
+
+
+def sampler_case(folder, kind, B, K, device):
+    net, kind, N, L, _, schedule = sample.load_sampler(folder, device, kind)
+    return lambda: sample.generate(net, kind, B, L, K, N, torch.Generator(device).manual_seed(0), batch_size=B,
+                                   schedule=schedule)
+
+
+def judge_case(path, data_dir, cfg, device):
+    judge = GPT2Judge(load_gpt2(judge_folder(path, cfg)).to(device), batch_size=cfg['dry_batch'])
+    x = load_data(data_dir).batch('val', torch.arange(cfg['dry_batch']))
+    return lambda: judge.genppl(x)
+
+
+def export_case(folder, root, device):
+    """sample.py --export_hf's writer, then official.py's reader: the same logits."""
+    net, ckpt = official.load_model(folder)
+    net, z = net.to(device), torch.randint(0, OFFICIAL_V - 1, (1, net.config.seq_len), device=device)
+
+    def round_trip():
+        back, _ = official.load_model(official.export_hf(net, ckpt, os.path.join(root, 'export')))
+        with torch.no_grad():
+            if not torch.equal(net(z, torch.zeros(1, device=device)), back.to(device)(z, torch.zeros(1, device=device))):
+                raise RuntimeError("the Hugging Face export does not read back to the same logits")
+    return round_trip
+
+
+def report_dry_run(cfg, device, emit):
+    """Wall time and peak memory of each phase; the peak also in units of one (B, L, V) float32 tensor."""
+    L, root = cfg['dry_seq_len'], tempfile.mkdtemp(prefix='dry-run-')
+    emit(f"## Real-shape dry run: DiT preset '{cfg['dry_model']}', L = {L}, V = {OFFICIAL_V}, dropout 0.1", '',
+         f"Random weights in the official layouts; GPT-2 BPE data from Python's docs; {device}"
+         f"{' with bf16 autocast' if device.type == 'cuda' else ', float32'}. Peak: memory above what the phase found "
+         f"allocated after loading its models (optimizer states appear in the first step, so they count).", '',
+         row(['phase', 'B', 'seconds', 'tokens/s', 'peak GB', 'peak / (B, L, V) float32']),
+         row(['---', '---:', '---:', '---:', '---:', '---:']))
+    try:
+        for name, B, build in dry_cases(cfg, root, device):
+            elapsed, peak = measured(build(), device)
+            rate = f"{B * L / elapsed:.0f}" if 'sampler' in name else ''
+            emit(row([name, B, f"{elapsed:.1f}", rate, f"{peak / 2 ** 30:.2f}", f"{peak / (B * L * OFFICIAL_V * 4):.1f}"]))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    emit('')
+
+
+def run_gpu_check(cfg, emit):
+    """The test suite (on CUDA wherever a test's device is 'auto'), then the dry run on CUDA with bf16 autocast."""
+    if not torch.cuda.is_available():
+        raise UserError("--gpu_check true needs a CUDA GPU; on a CPU, python bench.py --dry_run owt runs the dry run")
+    emit(f"# GPU check: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}, torch {torch.__version__}", '')
+    start = time.time()
+    tests = subprocess.run([sys.executable, '-m', 'pytest', '-q', 'tests'], cwd=ROOT, capture_output=True, text=True,
+                           timeout=cfg['gpu_test_timeout'])
+    emit('## Test suite', '', f"exit code {tests.returncode} after {time.time() - start:.0f} s:", '', '```',
+         *(tests.stdout + tests.stderr).strip().splitlines()[-12:], '```', '')
+    report_dry_run(cfg, torch.device('cuda'), emit)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,7 +584,9 @@ def main(argv=None):
         raise UserError("--block must be 0 (sample.py's default) or a positive number of elements")
     if cfg['loop_steps'] < 0:
         raise UserError("--loop_steps must be 0 (the same as --steps) or a positive number of steps")
-    for key in ('model', 'iteration_model'):
+    if cfg['dry_run'] not in ('', 'owt'):
+        raise UserError(f"--dry_run takes owt (the papers' OpenWebText setting), not {cfg['dry_run']!r}")
+    for key in ('model', 'iteration_model', 'dry_model'):
         if cfg[key] not in PRESETS:
             raise UserError(f"--{key} is one of {', '.join(PRESETS)}, not {cfg[key]!r}")
     if cfg['device'] == 'auto':
@@ -395,13 +601,19 @@ def main(argv=None):
             print(text, flush=True)
             lines.append(text)
 
-    emit(f"# Sampler benchmark: B = {cfg['batch_size']}, L = {cfg['seq_len']}, K = {cfg['steps']}", '',
-         f"torch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads; sampling in float64.", '')
-    report_steps(cfg, vocabs, kinds, device, emit)
-    if cfg['loop']:
-        report_loop(cfg, vocabs, device, emit)
-    if cfg['iterations']:
-        report_iterations(cfg, device, emit)
+    if cfg['gpu_check']:
+        run_gpu_check(cfg, emit)
+        cfg['out'] = cfg['out'] or 'gpu_check.md'
+    elif cfg['dry_run']:
+        report_dry_run(cfg, device, emit)
+    else:
+        emit(f"# Sampler benchmark: B = {cfg['batch_size']}, L = {cfg['seq_len']}, K = {cfg['steps']}", '',
+             f"torch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads; sampling in float64.", '')
+        report_steps(cfg, vocabs, kinds, device, emit)
+        if cfg['loop']:
+            report_loop(cfg, vocabs, device, emit)
+        if cfg['iterations']:
+            report_iterations(cfg, device, emit)
     if cfg['out']:
         with open(cfg['out'], 'w') as f:
             f.write('\n'.join(lines) + '\n')

@@ -84,3 +84,19 @@ def test_iteration_section_times_every_teacher_kind(tmp_path, capsys):
     assert float(rows[0][8]) > 0 and float(rows[1][8]) > 0 and rows[2][8:] == ['-', '-']   # SDTT and DCD
     assert all(r[1:3] == ['6', '8'] and float(r[5].rstrip('x')) > 0 for r in rows)
     assert 'Target: IDLM / teacher <= 3.5' in report
+
+
+def test_dry_run_goes_through_every_phase_at_tiny_shapes(tmp_path):
+    """python bench.py --dry_run owt, at the 'tiny' preset and L = 32 (the real 169M, L = 1024 run is RESULTS.md's):
+    GPT-2 BPE data from the shared tokenizer file, official-layout folders read back, every method's step, the
+    samplers, the judge, and the export read back to identical logits (a mismatch raises); one row per phase."""
+    path = tmp_path / 'dry.md'
+    bench.main(['--dry_run', 'owt', '--dry_model', 'tiny', '--dry_seq_len', '32', '--dry_steps', '1',
+                '--out', str(path)])
+    rows = [line.split('|')[1].strip() for line in path.read_text().splitlines()
+            if line.startswith('| ') and not line.startswith('| phase') and not line.startswith('| ---')]
+    kinds = {'mdlm': 5, 'duo': 4, 'sedd': 3}                  # teacher, IDLM, SDTT/DCD, DiDi (MDLM), sampler
+    assert [r.split(':')[0] for r in rows[:12]] == [k for k, n in kinds.items() for _ in range(n)]
+    assert rows[12].startswith('GPT-2 judge') and rows[13] == 'Hugging Face export read back'
+    with pytest.raises(UserError, match='--dry_run takes owt'):
+        bench.main(['--dry_run', 'wiki'])

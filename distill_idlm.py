@@ -72,8 +72,6 @@ fake_lr = 5e-4            # the fake's: 5x the student's, so it keeps up with th
 warmup_iters = 20         # linear warm-up, then constant (IDLM App. F)
 fake_steps = 1            # fake updates per student update (eq. 10 before eq. 11)
 anchor_weight = 0.1       # ours: + this x KL(teacher x0 || student x0) at the student's input; 0 = the paper's eq. 11
-beta2 = 0.999
-weight_decay = 0.0
 grad_clip = 0.0           # 0 = off, as in the paper; gradient norms are logged either way
 ema = 0.99                # EMA of the student, evaluated and saved as 'ema' (the paper: 0.9999 over far more steps)
 eval_interval = 100       # iterations between evaluations of the EMA student (and at the end)
@@ -232,11 +230,11 @@ def check_config(cfg, world):
 
 
 def make_state(student, fake, cfg):
-    """What iteration() updates: student and fake, their AdamW optimizers, and the student's EMA."""
-    betas, decay = (0.9, cfg['beta2']), cfg['weight_decay']
+    """What iteration() updates: student and fake, their AdamW optimizers (IDLM App. F: betas (0.9, 0.999), no
+    weight decay), and the student's EMA."""
+    adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr, (0.9, 0.999), weight_decay=0.0)
     return {'student': student, 'fake': fake, 'ema': common.EMA(student, cfg['ema']),
-            'optimizer': torch.optim.AdamW(student.parameters(), cfg['lr'], betas, weight_decay=decay),
-            'fake_optimizer': torch.optim.AdamW(fake.parameters(), cfg['fake_lr'], betas, weight_decay=decay)}
+            'optimizer': adamw(student, cfg['lr']), 'fake_optimizer': adamw(fake, cfg['fake_lr'])}
 
 
 def save(path, state, cfg, dataset, done, history):

@@ -545,7 +545,7 @@ def test_errors_for_what_our_model_lacks(tmp_path):
 @pytest.mark.parametrize('name', sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'config'))))
 def test_config_files_are_accepted_by_their_scripts(name):
     import importlib
-    scripts = {'idlm': 'distill_idlm', 'didi': 'distill_didi', 'train': 'train', 'eval': 'eval'}
+    scripts = {'idlm': 'distill_idlm', 'didi': 'distill_didi', 'mmd': 'distill_mmd', 'train': 'train', 'eval': 'eval'}
     module = importlib.import_module(scripts[name.split('_')[0]])
     path = os.path.join(os.path.dirname(__file__), '..', 'config', name)
     cfg = common.configure(module.DEFAULTS, [path])

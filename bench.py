@@ -248,6 +248,22 @@ def bench_loop(cfg, N, device):
 # ----------------------------------------------------------------------------------------------------------------
 # 4. A distillation iteration against a teacher-training step
 
+def prime(*optimizers):
+    """Create each optimizer's state now (one step on zero gradients: no parameter moves at weight decay 0), so
+    that a case's first measured call holds only what every call allocates: gradients, activations, logits."""
+    for optimizer in optimizers:
+        params = [p for group in optimizer.param_groups for p in group['params'] if p.requires_grad]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        lr = [group['lr'] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group['lr'] = 0.0
+        optimizer.step()
+        for group, value in zip(optimizer.param_groups, lr):
+            group['lr'] = value
+        optimizer.zero_grad(set_to_none=True)
+
+
 def iteration_cases(cfg, kind, device, teacher_path='', configs=None):
     """(dataset, {name: builder}): each builder makes the models of one real update and returns a closure that runs
     it, at the same batch: 'teacher' (train.py's step), 'idlm' (distill_idlm.iteration), 'step' (distill_sdtt's
@@ -280,6 +296,7 @@ def iteration_cases(cfg, kind, device, teacher_path='', configs=None):
     def teacher_case():  # train.py's loop body, one micro-batch
         trainee = copy_of_teacher(True)
         optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4, betas=(0.9, run_cfg['beta2']))
+        prime(optimizer)
 
         def step():
             x, gen = batch()
@@ -292,11 +309,13 @@ def iteration_cases(cfg, kind, device, teacher_path='', configs=None):
 
     def idlm_case():
         state = distill_idlm.make_state(copy_of_teacher(), copy_of_teacher(), run_cfg)
+        prime(state['optimizer'], state['fake_optimizer'])
         return lambda: distill_idlm.iteration(state, teacher, objective, dataset, run_cfg, next(counter), 0, 1, device)
 
     def step_case():  # one SDTT (MDLM) or DCD (Duo) update, in the first round (dt = 1/1024)
         student = copy_of_teacher(True)
         state = distill_sdtt.make_state(student, {**distill_sdtt.DEFAULTS, 'batch_size': B})
+        prime(state['optimizer'])
         loss_fn = distill_sdtt.sdtt_loss if kind == 'mdlm' else distill_sdtt.dcd_loss
 
         def step():
@@ -310,6 +329,7 @@ def iteration_cases(cfg, kind, device, teacher_path='', configs=None):
         didi_cfg = configs.get('didi', {**distill_didi.DEFAULTS, 'batch_size': B, 'grad_accum': 1})
         disc = distill_didi.make_discriminator(teacher, didi_cfg['disc_trainable_blocks'])
         state = distill_didi.make_state(copy_of_teacher(), disc, didi_cfg)
+        prime(state['optimizer'], state['disc_optimizer'])
         return lambda: distill_didi.iteration(state, teacher, dataset, None, didi_cfg, next(counter), 0, 1, device, '')
 
     cases = {'teacher': teacher_case, 'idlm': idlm_case}
@@ -349,20 +369,25 @@ def resident(field):
 
 
 def measured(fn, device):
-    """(seconds, peak bytes above what was allocated before) of one call of fn(). CUDA: the allocator's peak; CPU:
-    the resident set's, reset through /proc/self/clear_refs."""
-    gc.collect()
+    """(seconds, peak bytes, kept bytes) of one call of fn(), both above what was allocated before: the peak, and
+    what the call leaves allocated (the optimizer state a first step creates). CUDA: the allocator's statistics;
+    CPU: the resident set's, its peak reset through /proc/self/clear_refs."""
+    def allocated():
+        gc.collect()
+        if device.type == 'cuda':
+            return torch.cuda.memory_allocated(device)
+        ctypes.CDLL('libc.so.6').malloc_trim(0)   # hand freed heap pages back, so that reusing them shows in the peak
+        return resident('VmRSS')
+
+    before = allocated()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
     else:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)   # hand freed heap pages back, so that reusing them shows in the peak
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
-        before = resident('VmRSS')
     elapsed = seconds(fn, device)[0]
     peak = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else resident('VmHWM')
-    return elapsed, peak - before
+    return elapsed, peak - before, allocated() - before
 
 
 def official_folder(path, kind, cfg):
@@ -468,14 +493,16 @@ def report_dry_run(cfg, device, emit):
     emit(f"## Real-shape dry run: DiT preset '{cfg['dry_model']}', L = {L}, V = {OFFICIAL_V}, dropout 0.1", '',
          f"Random weights in the official layouts; GPT-2 BPE data from Python's docs; {device}"
          f"{' with bf16 autocast' if device.type == 'cuda' else ', float32'}. Peak: memory above what the phase found "
-         f"allocated after loading its models (optimizer states appear in the first step, so they count).", '',
-         row(['phase', 'B', 'seconds', 'tokens/s', 'peak GB', 'peak / (B, L, V) float32']),
-         row(['---', '---:', '---:', '---:', '---:', '---:']))
+         f"allocated after loading its models; kept: what it left allocated (the optimizer state of a first step); "
+         f"their difference is the step's transient memory (activations, gradients, logits).", '',
+         row(['phase', 'B', 'seconds', 'tokens/s', 'peak GB', 'kept GB', '(peak - kept) / (B, L, V) float32']),
+         row(['---', '---:', '---:', '---:', '---:', '---:', '---:']))
     try:
         for name, B, build in dry_cases(cfg, root, device):
-            elapsed, peak = measured(build(), device)
+            elapsed, peak, kept = measured(build(), device)
             rate = f"{B * L / elapsed:.0f}" if 'sampler' in name else ''
-            emit(row([name, B, f"{elapsed:.1f}", rate, f"{peak / 2 ** 30:.2f}", f"{peak / (B * L * OFFICIAL_V * 4):.1f}"]))
+            emit(row([name, B, f"{elapsed:.1f}", rate, f"{peak / 2 ** 30:.2f}", f"{kept / 2 ** 30:.2f}",
+                      f"{(peak - kept) / (B * L * OFFICIAL_V * 4):.1f}"]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     emit('')

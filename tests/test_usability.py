@@ -23,8 +23,8 @@ from data import prepare_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
-SCRIPTS = ['train.py', 'distill_idlm.py', 'distill_didi.py', 'distill_sdtt.py', 'distill_mmd.py', 'sample.py', 'eval.py', 'bench.py',
-           'data.py']
+SCRIPTS = ['train.py', 'distill_idlm.py', 'distill_didi.py', 'distill_sdtt.py', 'distill_mmd.py', 'sample.py', 'eval.py',
+           'bench.py', 'data.py']
 
 
 def run(args, timeout=300):

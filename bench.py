@@ -92,8 +92,7 @@ repeats = 20              # timed fused steps (median)
 ref_repeats = 3           # timed reference steps: a handful, each one takes seconds at V = 50258
 loop = True               # False: the one-step benchmark only
 cached = True             # also time MDLM's cached loop
-threads = 1               # torch CPU threads, 0 = torch's default. On a shared 2-core machine thread hand-offs
-                          # cost more than they give (measured: the 'cpu' DiT at V = 65 ran 4x slower with 2)
+threads = 1               # torch CPU threads of sections 1-4 (0 = torch's default; the dry run uses every core)
 iterations = True         # also time a teacher-training step against a distillation iteration (section 4)
 iteration_data = 'synthetic'  # the data (and so N, L) of section 4: a folder in data.py's format, or a name
 iteration_model = 'cpu'   # DiT preset of section 4 (the CPU teachers')
@@ -495,7 +494,7 @@ def report_dry_run(cfg, device, emit):
          f"{' with bf16 autocast' if device.type == 'cuda' else ', float32'}. Peak: memory above what the phase found "
          f"allocated after loading its models; kept: what it left allocated (the optimizer state of a first step); "
          f"their difference is the step's transient memory (activations, gradients, logits).", '',
-         row(['phase', 'B', 'seconds', 'tokens/s', 'peak GB', 'kept GB', '(peak - kept) / (B, L, V) float32']),
+         row(['phase', 'B', 'seconds', 'tokens/s', 'peak GiB', 'kept GiB', '(peak - kept) / (B, L, V) float32']),
          row(['---', '---:', '---:', '---:', '---:', '---:', '---:']))
     try:
         for name, B, build in dry_cases(cfg, root, device):
@@ -619,7 +618,7 @@ def main(argv=None):
     if cfg['device'] == 'auto':
         cfg['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(cfg['device'])
-    if cfg['threads'] > 0:
+    if cfg['threads'] > 0 and not cfg['dry_run']:   # the dry run's 169M matmuls use every core
         torch.set_num_threads(cfg['threads'])
     lines = []
 

@@ -314,6 +314,10 @@ def load_teacher(spec, kind, dataset, data, device='auto', init='', other_kinds=
 
 
 def main(argv=None):
+    # With two CPU threads some gradients were summed in a varying order, so the same command trained another
+    # teacher each time (RESULTS.md, "Real scale, exercised"); the deterministic kernels cost nothing measurable here
+    if not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True)
     train(common.configure(DEFAULTS, argv))
 
 

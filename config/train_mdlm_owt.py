@@ -4,8 +4,8 @@ teacher = 'mdlm'
 data = 'data/owt'
 model = 'small'            # the 169M DiT: d = 768, 12 blocks, 12 heads (model.PRESETS)
 dropout = 0.1
-batch_size = 32
-grad_accum = 16            # global batch 512
+batch_size = 16            # a training step holds ~2.5 GB a sequence (float32, bench.py --dry_run owt): 16 fit 80 GB
+grad_accum = 32            # global batch 512
 lr = 3e-4
 warmup_iters = 2500
 lr_decay_iters = -1        # constant after warm-up

@@ -15,8 +15,9 @@ def readme_order():
     """The .py files named in the first column of README.md's file table, top to bottom."""
     order = []
     for line in open(os.path.join(ROOT, 'README.md')):
-        if line.startswith('| `'):
-            order += [name[:-3] for name in re.findall(r'`([\w.]+\.py)`', line.split('|')[1])]
+        first = re.fullmatch(r'\s*`(\w+)\.py`\s*', line.split('|')[1]) if line.startswith('| `') else None
+        if first:                        # a row of the file table: its first cell is one file name
+            order.append(first.group(1))
     return order
 
 

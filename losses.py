@@ -276,6 +276,30 @@ class DuoObjective:
         return duo_loss(out, x0, noisy.w_t, noisy.alpha, noisy.dalpha)
 
 
+# The alpha range of Duo's curriculum: the public OWT run's gamma range (-3.55, -1.85) is alpha 0.945 -> 0.049 at
+# N = 50257, and the same alphas give other gamma values at another N (processes.duo_gamma_for_alpha).
+CURRICULUM_ALPHA = (0.95, 0.05)
+
+
+def duo_curriculum_objective(N, tau, spacing='alpha'):
+    """Duo's curriculum learning (Sahoo et al. 2025), as the public code's DUO.nll runs it before curriculum.end.
+
+    The same Gaussian latent and the same loss as DuoObjective, the UDLM integrand at x_t = argmax(w_t) with the
+    discrete process's alpha_t, d alpha_t / dt from the integral table (processes._duo_table). Two things change:
+      - t runs over a restricted range, alpha_t from 0.95 down to 0.05 (CURRICULUM_ALPHA). The ends it leaves out
+        are the noisiest stretch of the NELBO's one-sample estimate (alpha near 1: rare corruptions with large
+        weights) and the least informative one (alpha near 0: almost no signal).
+      - the network sees softmax(w_t / tau): at a larger tau it also sees how far the other latent coordinates
+        were from winning, information the discrete x_t does not carry.
+    The loss is not the NELBO (the range is cut, and at tau > 0 the input says more than x_t). As tau -> 0 the input
+    tends to one_hot(x_t), and since argmax(w_t) follows the uniform process at alpha_t, the loss tends to the
+    discrete Duo loss on that range (tests/test_losses.py). The teacher then trains on DuoObjective (train.py)."""
+    if tau <= 0:
+        raise ValueError(f"Duo's curriculum temperature must be positive, not {tau}")
+    hi, lo = CURRICULUM_ALPHA
+    return DuoObjective(N, duo_gamma_for_alpha(hi, N), duo_gamma_for_alpha(lo, N), tau=tau, spacing=spacing)
+
+
 OBJECTIVES = {'mdlm': MDLMObjective, 'sedd': SEDDObjective, 'duo': DuoObjective}
 
 

@@ -615,10 +615,7 @@ def export(cfg):
     if not cfg['ckpt'] or cfg['ckpt'] == 'exact':
         raise UserError("--export_hf writes a checkpoint's network: pass it with --ckpt (the exact denoiser has none)")
     net, ckpt = official.load_model(cfg['ckpt'], which='ema', kind=cfg['teacher_kind'] or None)
-    try:
-        folder = official.export_hf(net, ckpt, cfg['export_hf'])
-    except official.CheckpointError as e:
-        raise UserError(str(e)) from None
+    folder = official.export_hf(net, ckpt, cfg['export_hf'])   # a CheckpointError is a UserError: one line
     print(f"wrote {folder}/config.json and {folder}/model.safetensors: a {ckpt['teacher']} model in the official "
           f"Hugging Face layout ({net.num_params() / 1e6:.2f}M parameters, EMA weights)")
 

@@ -27,7 +27,7 @@ import common
 import official
 from common import UserError
 from data import ensure_data, exact_denoiser, load_data
-from losses import make_objective
+from losses import duo_curriculum_objective, make_objective
 from model import PRESETS, ar_log_likelihood, build_model
 from processes import sample_time
 
@@ -40,7 +40,7 @@ model = 'cpu'             # size preset in model.py: tiny | cpu | small | medium
 dropout = 0.0             # the synthetic language is an infinite stream, so nothing to regularise against
 batch_size = 64           # sequences per micro-batch per process
 grad_accum = 1            # micro-batches per iteration in total; must be divisible by the number of processes
-max_iters = 2200
+max_iters = 0             # 0 = the teacher's CPU default: 1600 for Duo (10 minutes here), 2200 for the others
 lr = 4e-3
 min_lr = 1e-4
 warmup_iters = 200
@@ -59,6 +59,9 @@ resume = False
 duo_gamma_min = 0.0       # Duo's Gaussian schedule; 0.0 and 0.0 mean "choose for this vocabulary" (losses.py)
 duo_gamma_max = 0.0
 duo_spacing = 'alpha'     # Duo: t spaced evenly in alpha (lower-variance NELBO) or 'gamma' (Duo's); losses.py
+duo_curriculum = 0.5      # Duo: this fraction of the iterations, first, on Duo's curriculum (losses.py; the public
+                          # runs: 0.5); 0 = off
+duo_tau = 0.1             # Duo: the curriculum's softmax temperature (the public: 0.1 -> 0.01 by default, 1e-3 at OWT)
 mask_count = True         # MDLM only: train with the mask-count estimator of the same NELBO (losses.py,
                           # MDLMObjective.corrupt_by_count), far lower variance; validation always uses t ~ U
 log_every = 50
@@ -66,6 +69,12 @@ log_every = 50
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 TEACHERS = ('mdlm', 'duo', 'sedd', 'ar')
+CPU_ITERS = {'duo': 1600}   # --max_iters 0; the others train 2200 iterations
+
+
+def with_iterations(cfg):
+    """cfg with --max_iters 0 replaced by the teacher's CPU default, so the checkpoint records the number run."""
+    return {**cfg, 'max_iters': cfg['max_iters'] or CPU_ITERS.get(cfg['teacher'], 2200)}
 
 
 def teacher_objective(cfg, N):
@@ -75,6 +84,13 @@ def teacher_objective(cfg, N):
     gammas = (cfg['duo_gamma_min'], cfg['duo_gamma_max'])
     return make_objective(cfg['teacher'], N, gamma_min=None if gammas == (0.0, 0.0) else gammas[0],
                           gamma_max=None if gammas == (0.0, 0.0) else gammas[1], spacing=cfg['duo_spacing'])
+
+
+def curriculum_objective(cfg, N):
+    """Duo's curriculum objective for the first duo_curriculum x max_iters iterations, or None (no curriculum)."""
+    if cfg['teacher'] != 'duo' or cfg['duo_curriculum'] <= 0:
+        return None
+    return duo_curriculum_objective(N, cfg['duo_tau'], cfg['duo_spacing'])
 
 
 def stored_config(config):
@@ -152,6 +168,7 @@ def open_data(data, rank, world):
 def train(cfg):
     """Train a teacher with config dict cfg (DEFAULTS overridden). Returns the checkpoint path."""
     rank, world, device = common.setup_distributed(cfg['device'], cfg['dist_timeout'])
+    cfg = with_iterations(cfg)
     check_config(cfg, world)
     master = rank == 0
     dataset = open_data(cfg['data'], rank, world)
@@ -160,7 +177,9 @@ def train(cfg):
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
     torch.manual_seed(cfg['seed'] + rank)  # only dropout draws from the global RNG; the data noise is seeded per step
-    objective = teacher_objective(cfg, N)
+    objective = teacher_objective(cfg, N)       # the loss trained on, and always the one validated
+    curriculum = curriculum_objective(cfg, N)   # Duo only: the loss of the first iterations
+    curriculum_iters = round(cfg['duo_curriculum'] * cfg['max_iters']) if curriculum else 0
     model = teacher_model(cfg, N, L, objective).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg['lr'], betas=(0.9, cfg['beta2']),
                                   weight_decay=cfg['weight_decay'])
@@ -186,6 +205,9 @@ def train(cfg):
     for it in bar:
         for group in optimizer.param_groups:
             group['lr'] = common.learning_rate(it, cfg['lr'], cfg['warmup_iters'], decay_iters, cfg['min_lr'])
+        if master and curriculum and it == curriculum_iters:
+            bar.write(f"iter {it}: Duo's curriculum ends; the discrete Duo loss from here on")
+        phase = curriculum if it < curriculum_iters else objective
         loss_sum = 0.0
         for micro in range(local_accum):
             gen = common.step_generator(cfg['seed'], it, rank * local_accum + micro, device=device)
@@ -194,7 +216,7 @@ def train(cfg):
             # Under DDP, gradients are averaged across processes only on the last micro-batch.
             sync = world == 1 or micro == local_accum - 1
             with (model.no_sync() if not sync else common.nullcontext()), common.autocast(device):
-                loss = batch_loss(model, objective, x0, gen, N, by_count)
+                loss = batch_loss(model, phase, x0, gen, N, by_count)
                 (loss / local_accum).backward()
             loss_sum += loss.item() / local_accum
         common.check_finite(torch.tensor([loss_sum]), 'training', it, ckpt_path, '--lr or raise --warmup_iters')

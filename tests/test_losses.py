@@ -3,6 +3,8 @@ tiny vocabulary (IDLM eq. 3, 4, 5), the identities that tie them together, their
 gradients with respect to a soft x0 (IDLM §3.2 / App. C) and the objectives' corrupt() + loss() paths."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -10,7 +12,8 @@ from data import SyntheticLanguage
 from data import exact_denoiser
 from processes import Absorbing, Uniform, as_probs, duo_alpha, sample_time
 from losses import (mdlm_loss, sedd_absorb_loss, sedd_uniform_loss, udlm_loss, duo_loss,
-                    MDLMObjective, SEDDObjective, DuoObjective)
+                    MDLMObjective, SEDDObjective, DuoObjective, duo_curriculum_objective)
+from model import build_model
 
 B, L, N = 2, 6, 4
 F64 = torch.float64
@@ -374,3 +377,71 @@ def test_duo_spacing_changes_the_estimator_not_the_nelbo():
     assert abs(m1 - m2) < 4 * (v1 + v2).sqrt(), (estimates, language.entropy_rate())
     assert m2 > 0
     assert v2 < v1 / 2     # why the option exists: the alpha-spaced one-sample estimate is far less noisy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Duo's curriculum (losses.duo_curriculum_objective)
+
+@pytest.mark.parametrize('n_tok', [2, 64, 50257])
+def test_duo_integral_and_its_gradient_against_another_quadrature(n_tok):
+    """The integral table (processes._duo_table: trapezoid rule in u, with p = int phi(u) Phi(mu + u)^(N-1) du) against
+    Gauss-Legendre quadrature of the other form p(mu) = int phi(z - mu) Phi(z)^(N-1) dz, and its derivative against
+    that form differentiated under the integral sign, dp/dmu = int (z - mu) phi(z - mu) Phi(z)^(N-1) dz: a different
+    formula for the gradient, not a finite difference of the same one. alpha = (N p - 1)/(N - 1), mu = exp(-gamma/2)."""
+    nodes, weights = np.polynomial.legendre.leggauss(400)
+    z = torch.tensor(nodes * 14.0 + 2.0, dtype=F64)          # [-12, 16]: Phi(z)^(N-1) shifts right as N grows
+    w = torch.tensor(weights * 14.0, dtype=F64)
+    gamma = torch.tensor([-4.0, -3.55, -2.5, -1.85, 0.0, 3.0], dtype=F64)   # mu <= 7.4: inside the z range
+    mu = torch.exp(-gamma / 2)[:, None]
+    phi = torch.exp(-0.5 * (z - mu) ** 2) / math.sqrt(2 * math.pi)
+    power = torch.exp((n_tok - 1) * torch.special.log_ndtr(z))
+    p = (w * phi * power).sum(-1)
+    dp_dmu = (w * (z - mu) * phi * power).sum(-1)
+    alpha = (n_tok * p - 1) / (n_tok - 1)
+    dalpha = n_tok / (n_tok - 1) * dp_dmu * (-mu[:, 0] / 2)
+    table_alpha, table_dalpha = duo_alpha(gamma, n_tok)
+    assert torch.allclose(table_alpha, alpha, atol=2e-5), (table_alpha, alpha)
+    assert torch.allclose(table_dalpha, dalpha, atol=2e-4, rtol=2e-3), (table_dalpha, dalpha)
+
+
+def test_duo_curriculum_range_is_the_public_one_at_owt_scale_and_its_x_t_is_the_uniform_process():
+    """The curriculum runs alpha_t from 0.95 to 0.05: at N = 50257 those are the public run's gammas (-3.55, -1.85)
+    to within 0.05, at N = 64 other gammas. x_t = argmax(w_t) is corrupted at the uniform process's rate."""
+    owt = duo_curriculum_objective(50257, 1e-3)
+    assert abs(owt.gamma_min + 3.55) < 0.05 and abs(owt.gamma_max + 1.85) < 0.05, (owt.gamma_min, owt.gamma_max)
+    obj = duo_curriculum_objective(64, 0.1)
+    ends = obj.alpha(torch.tensor([0.0, 1.0], dtype=F64))
+    assert torch.allclose(ends, torch.tensor([0.95, 0.05], dtype=F64), atol=1e-5)
+    assert obj.gamma_min > owt.gamma_min + 0.5 and obj.gamma_max > owt.gamma_max + 0.5  # 63 rivals need less noise
+    x0 = torch.randint(0, 64, (3, 20000), generator=gen(100))
+    noisy = obj.corrupt(x0, torch.tensor([0.0, 0.5, 1.0], dtype=F64), generator=gen(101))
+    keep = noisy.alpha[:, 0] + (1 - noisy.alpha[:, 0]) / 64
+    observed = (noisy.x_t == x0).double().mean(1)
+    assert ((observed - keep).abs() <= 5 * (keep * (1 - keep) / 20000).sqrt()).all()
+    with pytest.raises(ValueError, match='temperature'):
+        duo_curriculum_objective(64, 0.0)
+
+
+def test_duo_curriculum_loss_tends_to_the_discrete_loss_as_tau_falls():
+    """With the same latent draws, a network fed softmax(w_t / tau) and scored at x_t = argmax(w_t) gives a loss that
+    converges, as tau -> 0, to the discrete Duo loss: the same network fed the token ids x_t. At tau = 1 the two
+    differ (the soft input carries more than x_t), so the comparison is not vacuous."""
+    torch.manual_seed(0)
+    n_tok, length = 6, 8
+    net = build_model('tiny', vocab_size=n_tok, seq_len=length, head='x0', mask_id=-1, time_conditioning=True).eval()
+    with torch.no_grad():
+        for p in net.parameters():      # some layers start at zero, and their output would not depend on the input
+            p.add_(0.3 * torch.randn_like(p))
+    x0 = torch.randint(0, n_tok, (16, length), generator=gen(110))
+    t = sample_time(16, gen(111))
+    gaps = []
+    for tau in (1.0, 1e-1, 1e-2, 1e-3, 1e-5):
+        obj = duo_curriculum_objective(n_tok, tau)
+        noisy = obj.corrupt(x0, t, generator=gen(112))                 # the same noise for every tau
+        with torch.no_grad():
+            curriculum = obj.loss(net(noisy.input, noisy.sigma), x0, noisy)
+            discrete = udlm_loss(net(noisy.x_t, noisy.sigma), x0, noisy.x_t, noisy.alpha, noisy.dalpha)
+        gaps.append(((curriculum - discrete).abs().max() / discrete.abs().max()).item())
+    assert gaps[0] > 1e-2, gaps
+    assert all(a >= b for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] < 1e-5, gaps

@@ -87,6 +87,29 @@ def test_resume_is_bit_exact(tiny_data, tmp_path):
     assert a['history'][-1] == {**b['history'][-1], 'minutes': a['history'][-1]['minutes']}
 
 
+def test_duo_curriculum_resumes_exactly_across_its_end(tiny_data, tmp_path, monkeypatch):
+    """A Duo teacher with its curriculum on for the first half (iterations 0-2 of 6), interrupted after iteration 2,
+    inside it, and resumed through its end, lands on the weights of a straight run; and the curriculum changes the run."""
+    common = dict(teacher='duo', max_iters=6, lr_decay_iters=6, ckpt_interval=2, eval_interval=3, duo_curriculum=0.5,
+                  duo_tau=0.1)
+    train.main(tiny_args(tiny_data, tmp_path / 'straight', **common))
+    save = train.save
+
+    def save_then_stop(path, cfg, model, optimizer, ema, done, *rest):
+        save(path, cfg, model, optimizer, ema, done, *rest)
+        if done == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'save', save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(tiny_data, tmp_path / 'split', **common))
+    monkeypatch.undo()
+    train.main(tiny_args(tiny_data, tmp_path / 'split', **common, resume=True))
+    train.main(tiny_args(tiny_data, tmp_path / 'plain', **{**common, 'duo_curriculum': 0.0}))
+    a, b, plain = (weights(tmp_path / name) for name in ('straight', 'split', 'plain'))
+    assert b['iter'] == 6 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert not all(torch.equal(a['model'][k], plain['model'][k]) for k in a['model'])
+
+
 def test_resuming_with_the_wrong_teacher_is_refused(tiny_data, tmp_path):
     train.main(tiny_args(tiny_data, tmp_path, teacher='mdlm', max_iters=2))
     r = run_script(['train.py'] + tiny_args(tiny_data, tmp_path, teacher='sedd', resume=True))

@@ -4,7 +4,6 @@ gradients with respect to a soft x0 (IDLM §3.2 / App. C) and the objectives' co
 import math
 
 import numpy as np
-
 import pytest
 import torch
 

@@ -46,7 +46,8 @@ the network the student starts from (the teacher, or --init), so --teacher_ckpt 
 equation numbers are this file's own: the method is read from the public code, not from the paper.
 
 Judge a run by the EMA student's GenPPL and entropy at K steps, against the teacher and against the teacher tempered
-to the student's entropy (results.md, temperature.png, history.png), not by the logged reward.
+to the student's entropy (results.md, temperature.png; with --eval_interval N, history.png), not by the logged
+reward.
 """
 
 import copy
@@ -88,10 +89,10 @@ exclude_same_position = True  # the public estimator (1); false: keep same-posit
 group_size = 4            # G: groups per real sequence, each against the mean of the others (the public: 4)
 draws_per_candidate = 2   # B: draws per group, at least 2 for (1)'s within-draw term (the public: 2)
 student_dropout = False   # true: the student trains with its network's dropout, as the public code
-eval_interval = 400       # iterations between evaluations of the EMA student: at the end only, to fit 10 minutes
+eval_interval = 0         # N: evaluate the EMA student every N iterations and at the end; 0: the final table only
 eval_steps = '8,16'       # K-step budgets
 teacher_steps = ''        # extra teacher budgets in the final table, e.g. '1024' (3 minutes more on this CPU)
-eval_temperatures = '0.8,0.7'  # the teacher also at x0_hat^(1/T), for verdicts at the student's entropy ('': none)
+eval_temperatures = '0.8'  # the teacher also at x0_hat^(1/T), for verdicts at the student's entropy ('': none)
 eval_samples = 256        # sequences per budget and noise stream; 0 skips evaluation and the final table
 eval_streams = 3          # noise streams per evaluation: each cell is their mean +- sd (eval.py)
 eval_batch_size = 64      # sequences generated at once in evaluation: eval.py's default, so the rows are eval.py's
@@ -319,7 +320,7 @@ def distill(cfg):
             window = []
             bar.set_postfix(reward=f"{row['reward']:.4f}", draw_nll=f"{row['draw_nll']:.3f}",
                             gnorm=f"{row['student_grad_norm']:.3f}")
-        if evaluator and master and (last or common.every(done, cfg['eval_interval'])):
+        if evaluator and master and cfg['eval_interval'] > 0 and (last or common.every(done, cfg['eval_interval'])):
             evaluator.periodic(history, done, {'EMA': (state['ema'].averaged_copy(student), None)})
         if master and (last or common.every(done, cfg['ckpt_interval'])):
             save(ckpt_path, state, cfg, dataset, done, history)

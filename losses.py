@@ -216,7 +216,7 @@ class SEDDObjective(_AbsorbingObjective):
 class DuoObjective:
     """Duo: x0 denoiser fed softmax(w_t / tau) of the Gaussian latent w_t = a x0 + s eps (IDLM eq. 22-23).
 
-    The endpoints are gamma_min (t = 0) and gamma_max (t = 1). The OpenWebText model uses (-3.55, -1.85) for
+    The endpoints are gamma_min (t = 0) and gamma_max (t = 1). The OpenWebText curriculum uses (-3.55, -1.85) for
     N = 50257; for a small N these leave too much signal, because argmax(w) competes with the max of N - 1
     Gaussians, which grows with N. When None, gamma_min / gamma_max are solved from the alpha table so that the
     discrete process has alpha = 0.999 at t = 0 and alpha = 0.001 at t = 1 (like the log-linear schedule's range).

@@ -48,7 +48,6 @@ import common
 from model import DiT, DiTConfig
 
 GPT2_VOCAB = 50257          # GPT-2's tokens; every official teacher adds one id to it
-DUO_OWT_GAMMAS = (-3.55, -1.85)  # Duo's OpenWebText curriculum (scripts/train_owt_duo.sh), when the file says none
 HEADS = {'mdlm': 'subs', 'duo': 'x0', 'sedd': 'sedd'}
 BUFFERS = ('rotary_emb.inv_freq',)  # official state dicts may carry it; ours recomputes it (checked, then dropped)
 
@@ -407,11 +406,7 @@ def read_lightning(path, kind=None):
     arch = dict(vocab_size=None, width=model.get('hidden_size'), cond_dim=model.get('cond_dim'),
                 n_layer=model.get('n_blocks'), n_head=model.get('n_heads'), seq_len=model.get('length'),
                 dropout=model.get('dropout'), time_conditioning=timed)
-    curriculum = algo.get('curriculum') if isinstance(algo.get('curriculum'), dict) else {}
-    extra = {}
-    if kind == 'duo' and curriculum.get('gamma_min') is not None:
-        extra = {'duo_gamma_min': float(curriculum['gamma_min']), 'duo_gamma_max': float(curriculum['gamma_max'])}
-    return kind, arch, weights, ema, extra
+    return kind, arch, weights, ema, {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -549,12 +544,14 @@ def load_official(path, which='ema', pad_id='auto', kind=None):
     N = cfg.vocab_size - 1 if kind in ('mdlm', 'sedd') else cfg.vocab_size
     duo = kind == 'duo'
     config = {'teacher': kind, 'model': 'official', 'batch_size': 8,   # 8: an evaluation batch that fits at V = 50k
-              'duo_gamma_min': extra.get('duo_gamma_min', DUO_OWT_GAMMAS[0]) if duo else 0.0,
-              'duo_gamma_max': extra.get('duo_gamma_max', DUO_OWT_GAMMAS[1]) if duo else 0.0}
+              'duo_gamma_min': extra.get('duo_gamma_min', 0.0), 'duo_gamma_max': extra.get('duo_gamma_max', 0.0)}
     if duo and 'duo_spacing' in extra:               # a Duo model this project exported keeps its own schedule
         config['duo_spacing'] = extra['duo_spacing']
     elif duo:
-        config['sampling_schedule'] = 'loglinear'
+        # The Duo code's curriculum gammas bound only its first iterations; after them, and in every validation
+        # NELBO, it runs the log-linear schedule over the whole range (DUO.nll: use_true_nll): alpha_t linear in t,
+        # which is our DuoObjective spaced in alpha between its default ends (alpha 0.999 -> 0.001).
+        config.update(duo_spacing='alpha', sampling_schedule='loglinear')
     gpt2 = N == GPT2_VOCAB
     data_meta = extra.get('data_meta') or {
         'vocab_size': N, 'seq_len': cfg.seq_len, 'dataset': 'official',

@@ -285,7 +285,7 @@ def duo_gamma_of_alpha(alpha, N):
 
 def duo_gamma_for_alpha(alpha, N):
     """duo_gamma_of_alpha for one float, checked to lie inside the table. Used to pick gamma_min / gamma_max for
-    a vocabulary size: the max of N - 1 Gaussians grows with N, so the OpenWebText values (-3.55, -1.85 for
+    a vocabulary size: the max of N - 1 Gaussians grows with N, so the OpenWebText curriculum's (-3.55, -1.85 for
     N = 50257) do not carry over to a small N."""
     _, table, _ = _duo_table(N)
     if not (table.min() < alpha < table.max()):

@@ -19,7 +19,6 @@ import eval as evaluation
 import sample
 import train
 from common import UserError
-from data import prepare_synthetic
 from model import Discriminator, build_model
 from processes import Absorbing, alpha_loglinear
 from test_idlm import ENV, ROOT, gen, load
@@ -205,15 +204,7 @@ def test_discriminator_head_is_spectrally_normalised():
 
 # ------------------------------------------------------------------------------------------------ whole runs
 
-@pytest.fixture(scope='module')
-def teacher(tmp_path_factory):
-    """A tiny MDLM teacher (20 iterations) on an N = 8, L = 8 synthetic language."""
-    root = tmp_path_factory.mktemp('didi')
-    data = str(root / 'syn')
-    prepare_synthetic(data, num_train=256, num_val=32, N=8, L=8, K=2)
-    train.main([f'--data={data}', f'--out_dir={root / "mdlm"}', '--teacher=mdlm', '--model=tiny', '--max_iters=20',
-                '--batch_size=16', '--eval_batches=1', '--eval_interval=20', '--warmup_iters=2'])
-    return root, data
+# The tiny teacher fixture is conftest.py's.
 
 
 def args(root, data, out_dir, **kw):

@@ -11,7 +11,6 @@ import torch
 import distill_mmd as mmd
 import train
 from common import UserError
-from data import prepare_synthetic
 from model import build_model
 from test_idlm import ENV, ROOT, load
 from test_train import run_script
@@ -189,15 +188,7 @@ def test_features_are_the_networks_hidden_states_after_the_block():
 
 # ------------------------------------------------------------------------------------------------ whole runs
 
-@pytest.fixture(scope='module')
-def teacher(tmp_path_factory):
-    """A tiny MDLM teacher (20 iterations) on an N = 8, L = 8 synthetic language."""
-    root = tmp_path_factory.mktemp('mmd')
-    data = str(root / 'syn')
-    prepare_synthetic(data, num_train=256, num_val=32, N=8, L=8, K=2)
-    train.main([f'--data={data}', f'--out_dir={root / "mdlm"}', '--teacher=mdlm', '--model=tiny', '--max_iters=20',
-                '--batch_size=16', '--eval_batches=1', '--eval_interval=20', '--warmup_iters=2'])
-    return root, data
+# The tiny teacher fixture is conftest.py's.
 
 
 def args(root, data, out_dir, **kw):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import common
 import official
+import train
 from common import UserError
 from official import load_official
 
@@ -219,7 +220,9 @@ def test_duo_pytorch_bin_drops_the_pad_id(tmp_path):
     assert ckpt['teacher'] == 'duo' and model.config.vocab_size == N and ckpt['data_meta']['vocab_size'] == N
     assert (model.config.head, model.config.time_conditioning) == ('x0', True)
     assert ckpt['config']['sampling_schedule'] == 'loglinear'
-    assert (ckpt['config']['duo_gamma_min'], ckpt['config']['duo_gamma_max']) == official.DUO_OWT_GAMMAS
+    objective = train.teacher_objective(train.stored_config(ckpt['config']), N)   # its NELBO and distillers' loss
+    ends = objective.alpha(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))  # the Duo code's log-linear range
+    assert torch.allclose(ends, torch.tensor([0.999, 0.5, 0.001], dtype=torch.float64), atol=1e-6), ends
     ids, sigma = ids_and_sigma(N)
     raw = reference_raw_logits(w, ids, sigma)
     expect = raw[..., :N].log_softmax(-1)
@@ -299,8 +302,8 @@ def fake_omegaconf():
 
 
 def test_lightning_checkpoint_with_an_unimportable_config(tmp_path, monkeypatch):
-    """Duo's .ckpt: EMA mapped onto the parameters in order, kind and gammas read from a pickled config whose
-    package is not installed (the loader stubs unknown classes)."""
+    """Duo's .ckpt: EMA mapped onto the parameters in order, kind read from a pickled config whose package is
+    not installed (the loader stubs unknown classes); its curriculum's gammas do not narrow the schedule."""
     V = 41
     w = official_weights(V)
     mod = fake_omegaconf()
@@ -316,7 +319,8 @@ def test_lightning_checkpoint_with_an_unimportable_config(tmp_path, monkeypatch)
             monkeypatch.delitem(sys.modules, 'fake_omegaconf')
         model, ckpt = official.load_model(path)
         assert ckpt['teacher'] == 'duo' and ckpt['weights'] == 'ema' and ckpt['layout'] == 'lightning'
-        assert (ckpt['config']['duo_gamma_min'], ckpt['config']['duo_gamma_max']) == (-3.5, -1.75)
+        assert (ckpt['config']['duo_gamma_min'], ckpt['config']['duo_gamma_max']) == (0.0, 0.0)
+        assert ckpt['config']['duo_spacing'] == 'alpha'
         with torch.no_grad():
             out = model(ids, sigma)
         assert torch.allclose(out, reference_raw_logits(shadow, ids, sigma).log_softmax(-1), atol=1e-4)
@@ -532,7 +536,6 @@ def test_errors_for_what_our_model_lacks(tmp_path):
     path, _ = lightning_ckpt(tmp_path / 'ar.ckpt', V, w, {'parameterization': 'ar'})
     one_line_user_error(path, "'ar'")
     # a teacher of the wrong kind for IDLM, caught by its own check
-    import train
     with pytest.raises(UserError) as err:
         train.load_network(hf_folder(tmp_path / 'duo-teacher', 'duo', V, w), 'mdlm', None, None,
                            other_kinds=('mdlm', 'duo', 'sedd'))

@@ -556,11 +556,11 @@ class Evaluator:
             for label, net, disc in students:
                 rows += self.rows(label + suffix, net, False, disc=disc, greedy_tail=tail)
         rows = results_table(rows, self.bench, out_dir, tolerance)
+        for name, drawn in (('history.png', history['eval']), ('temperature.png', temperatures)):
+            if not drawn and os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))     # an earlier run's plot would pass for this one's
         plot_history(history['eval'], reference_row(rows), os.path.join(out_dir, 'history.png'), tolerance)
-        path = os.path.join(out_dir, 'temperature.png')
-        if not temperatures and os.path.exists(path):
-            os.remove(path)           # an earlier run's plot would pass for this one's
-        plot_temperature(rows, path, tolerance)
+        plot_temperature(rows, os.path.join(out_dir, 'temperature.png'), tolerance)
         return rows
 
 
